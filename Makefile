@@ -1,0 +1,42 @@
+# Two commands do all set-up on a fresh machine:  make run   |   make test
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CORES ?= all
+CONFIG ?= config/config.yaml
+ARGS ?=
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: install run test bench dry-run lint mlflow-ui clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+run: install  ## the whole workflow on the default config; prints the workflow's own time
+	@start=$$(date +%s.%N); \
+	snakemake --cores $(CORES) --resources gpu=1 --configfile $(CONFIG) $(ARGS); status=$$?; \
+	echo "workflow time (without installation): $$(python3 -c "print(f'{$$(date +%s.%N) - $$start:.1f}')") s"; \
+	exit $$status
+
+test: install
+	$(PY) -m pytest -q $(ARGS)
+
+bench: install
+	$(PY) bench/run.py $(ARGS)
+
+dry-run: install
+	snakemake -n --configfile $(CONFIG)
+
+lint: install
+	snakemake --lint
+
+mlflow-ui: install
+	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1
+
+clean:
+	rm -rf results reports/*/ reports/index.md mlflow.db mlflow.db.lock mlruns .snakemake

@@ -1,0 +1,25 @@
+# tunewise: baseline -> diagnose -> optimize -> multi-seed significance -> finalize.
+# Run: snakemake --cores 8 --resources gpu=1   (see README.md)
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/baseline.smk"
+include: "workflow/rules/diagnose.smk"
+include: "workflow/rules/optimize.smk"
+include: "workflow/rules/significance.smk"
+include: "workflow/rules/finalize.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    input:
+        "reports/index.md",
+        expand("results/{exp}/final/final.json", exp=EXPERIMENTS),
+    default_target: True

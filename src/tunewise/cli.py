@@ -1,0 +1,520 @@
+"""`tunewise <verb>`: the one entry point the Snakemake rules call.
+
+Each verb also works by hand. Heavy imports (torch, mlflow, pandas) happen inside the
+verbs so that `tunewise --help` and light verbs start fast.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+log = logging.getLogger("tunewise")
+
+
+class CliError(RuntimeError):
+    """An error whose message is the whole story (no traceback for the user)."""
+
+
+# --- shared pieces --------------------------------------------------------------------------
+
+
+def _experiment(args) -> dict:
+    from tunewise.config import load_experiment
+
+    return load_experiment(args.experiment_file)
+
+
+def _exp_dir(args) -> Path:
+    return Path(args.experiment_file).parent
+
+
+def _tracker(exp: dict):
+    from tunewise.tracking import Tracker
+
+    return Tracker(exp["tracking"]["uri"], exp["name"])
+
+
+def _base_tags(exp: dict, phase: str, rule: str | None, config: dict | None = None) -> dict:
+    from tunewise.config import config_hash
+    from tunewise.runs import git_sha
+
+    tags = {"phase": phase, "trainer": exp["trainer"], "tunewise.experiment": exp["name"], "git_sha": git_sha()}
+    if rule:
+        tags["rule"] = rule
+    if config is not None:
+        tags["config_hash"] = config_hash(config)
+    wildcards = os.environ.get("TUNEWISE_WILDCARDS")
+    if wildcards:
+        tags["wildcards"] = wildcards
+    return tags
+
+
+# --- verbs ----------------------------------------------------------------------------------
+
+
+def cmd_validate(args) -> None:
+    from tunewise.config import load_yaml, validate
+
+    cfg = validate(load_yaml(args.config))
+    print(f"{args.config}: valid ({', '.join(cfg['experiments'])})")
+
+
+def cmd_resolve(args) -> None:
+    from tunewise.config import dump_yaml, load_yaml, resolve_experiment, validate_schema
+    from tunewise.runs import atomic_write_text
+
+    raw = json.loads(args.config_json) if args.config_json else load_yaml(args.config)
+    cfg = validate_schema(raw)
+    if args.experiment not in cfg["experiments"]:
+        raise CliError(f"experiment {args.experiment!r} not in config (have: {', '.join(cfg['experiments'])})")
+    exp = resolve_experiment(cfg, args.experiment)
+    out = Path(args.out)
+    exp["baseline"]["data"]["prepared_dir"] = str(out.parent / "data")
+    atomic_write_text(out, dump_yaml(exp))
+    print(f"wrote {out}")
+
+
+def cmd_prepare_data(args) -> None:
+    from tunewise.runs import write_json
+    from tunewise.trainers import get_trainer
+
+    exp = _experiment(args)
+    trainer = get_trainer(exp["trainer"])
+    data_cfg = exp["baseline"]["data"]
+    info = trainer.prepare_data(data_cfg, Path(data_cfg["prepared_dir"]), threads=args.threads)
+    # the MLflow experiment and the seed runs' parent exist before parallel jobs start
+    tracker = _tracker(exp)
+    tracker.parent_run("significance", _base_tags(exp, "significance", args.rule), _exp_dir(args) / "tracking.json")
+    write_json(Path(args.out), {"experiment": exp["name"], "trainer": exp["trainer"], **info})
+    print(f"data ready: {info.get('n_rows', '?')} rows -> {args.out}")
+
+
+def _train_config(args, exp: dict) -> dict:
+    from tunewise.config import load_yaml, parse_override, set_dotted
+
+    config_file = args.config_file
+    if not config_file and args.side == "optimized":
+        config_file = _exp_dir(args) / "diagnosis" / "optimization_config.yaml"
+    config = load_yaml(config_file) if config_file else exp["baseline"]
+    for item in args.set or []:
+        key, value = parse_override(item)
+        set_dotted(config, key, value)
+    return config
+
+
+def cmd_train(args) -> None:
+    from tunewise.devices import resolve_device, set_threads
+    from tunewise.runs import RunDir
+    from tunewise.trainers import get_trainer
+    from tunewise.trainers.base import NonFiniteLoss
+    from tunewise.tracking import EpochReporter
+
+    exp = _experiment(args)
+    config = _train_config(args, exp)
+    seed = exp["seed"] if args.seed is None else args.seed
+    trainer = get_trainer(exp["trainer"])
+    threads = set_threads(args.threads)
+    device = resolve_device(exp["device"])
+    run = RunDir(args.run_dir)
+    if run.is_finished() and not args.force:
+        print(f"{run.path}: already finished (status {run.status}); --force to train again")
+        return
+    resuming = (run.checkpoints / "last.pt").exists()
+    info = run.start(config, seed, {"phase": args.phase, "side": args.side, "experiment": exp["name"]})
+
+    tracker = _tracker(exp)
+    parent = None
+    if args.phase == "seed":
+        parent = tracker.parent_run(
+            "significance", _base_tags(exp, "significance", None), _exp_dir(args) / "tracking.json"
+        )
+    if info.get("mlflow_run_id") and resuming:
+        run_id = tracker.resume_run(info["mlflow_run_id"])
+    else:
+        name = args.run_name or f"{args.phase}" + (f"-{args.side}-seed{seed}" if args.phase == "seed" else "")
+        tags = _base_tags(exp, args.phase, args.rule, config) | {"seed": seed, "side": args.side, "run_dir": str(run.path)}
+        run_id = tracker.start_run(name, tags, parent_id=parent)
+        tracker.log_params(run_id, {"seed": seed, "threads": threads, "device": str(device), **config})
+        run.update_info(mlflow_run_id=run_id)
+    if resuming:
+        print(f"{run.path}: resuming from checkpoints/last.pt")
+
+    reporter = EpochReporter(tracker, run_id)
+    try:
+        metrics = trainer.run(config, seed, run, reporter, device, exp["metric"])
+    except NonFiniteLoss as e:
+        # a diverged baseline is a finding for the diagnosis, not a crash of the workflow
+        history = run.history() if run.history_path.exists() else None
+        metrics = {
+            "primary": {"name": exp["metric"]["name"], "direction": exp["metric"]["direction"], "best": None, "final": None},
+            "best_step": 0,
+            "epochs_run": 0 if history is None else int(len(history)),
+            "epochs_planned": int(config["train"]["epochs"]),
+            "stopped_early": True,
+            "device": str(device),
+        }
+        if history is not None and exp["metric"]["name"] in history:
+            finite = history[exp["metric"]["name"]].dropna()
+            if len(finite):
+                best = finite.max() if exp["metric"]["direction"] == "max" else finite.min()
+                metrics["primary"]["best"] = float(best)
+        run.finish(metrics, status="diverged", reason=str(e))
+        tracker.set_tags(run_id, {"status": "diverged", "reason": str(e)})
+        tracker.end_run(run_id, "FAILED")
+        print(f"{run.path}: diverged ({e})", file=sys.stderr)
+        return
+    except BaseException as e:
+        run.fail(f"{type(e).__name__}: {e}")
+        tracker.end_run(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    metrics["threads"] = threads
+    run.finish(metrics)
+    tracker.log_metrics(run_id, {f"best/{k}": v for k, v in metrics["best"].items() if k != "step"})
+    tracker.log_artifact(run_id, run.config_path)
+    tracker.log_artifact(run_id, run.history_path)
+    tracker.log_artifact(run_id, run.metrics_path)
+    tracker.end_run(run_id)
+    p = metrics["primary"]
+    print(f"{run.path}: done, {p['name']} best {p['best']:.4f} at step {metrics['best_step']} ({metrics['wall_seconds']:.1f}s)")
+
+
+def cmd_diagnose(args) -> None:
+    from tunewise.config import dump_yaml
+    from tunewise.phases.diagnose import choose_strategy, diagnose, load_run
+    from tunewise.phases.recommend import apply_patch, recommend, to_patch
+    from tunewise.reports.render import commented_config, write_diagnostic_report
+    from tunewise.runs import RunDir, atomic_write_text, write_json
+    from tunewise.trainers import get_trainer
+
+    exp = _experiment(args)
+    trainer = get_trainer(exp["trainer"])
+    run = RunDir(args.run_dir)
+    run.require_finished()
+    history, metrics = load_run(run.path)
+    metric = exp["metric"]
+    findings = diagnose(history, metrics, metric["name"], metric["direction"], exp["diagnose"]["thresholds"] or None)
+    config = run.config()
+    recs = recommend(findings, config, trainer.knobs)
+    patch, changes = to_patch(recs, config, trainer.knobs, top_n=exp["optimize"]["max_recommendations"])
+    for key, value in (exp["optimize"].get("overrides") or {}).items():
+        from tunewise.config import get_dotted
+
+        changes.append({"knob": key, "key": key, "old": get_dotted(config, key), "new": value, "action": "set",
+                        "rationale": "user override (optimize.overrides)", "expected_impact": "unknown",
+                        "risk": "unknown", "effort": "low"})
+        patch[key] = value
+    best = metrics["primary"]["best"]
+    strategy = choose_strategy(
+        exp["optimize"]["strategy"], findings, best, exp["finalize"]["target"], metric["direction"],
+        available={"targeted", "none"},
+    )
+    if strategy["chosen"] != "none" and not patch:
+        strategy = {**strategy, "chosen": "none", "reason": strategy["reason"] + "; but no recommendation maps to a knob of this trainer, so nothing to change"}
+    out = Path(args.out_dir)
+    optimized = apply_patch(config, patch)
+    atomic_write_text(out / "optimization_config.yaml", commented_config(optimized, changes))
+    diagnosis = {
+        "experiment": exp["name"],
+        "trainer": exp["trainer"],
+        "metric": metric,
+        "baseline": {
+            "run_dir": str(run.path),
+            "status": metrics.get("status"),
+            "best": best,
+            "final": metrics["primary"].get("final"),
+            "best_step": metrics.get("best_step"),
+            "epochs_run": metrics.get("epochs_run"),
+        },
+        "findings": findings,
+        "recommendations": recs,
+        "changes": changes,
+        "patch": patch,
+        "strategy": strategy,
+    }
+    write_json(out / "diagnosis.json", diagnosis)
+    reports = write_diagnostic_report(out / "diagnosis.json", run.path, Path(args.reports_dir))
+
+    tracker = _tracker(exp)
+    run_id = tracker.start_run("diagnose", _base_tags(exp, "diagnose", args.rule, config))
+    tracker.log_params(run_id, {"strategy": strategy["chosen"], "n_findings": len(findings), "patch": json.dumps(patch)})
+    tracker.log_metrics(run_id, {"n_findings": len(findings), "n_recommendations": len(recs)})
+    for path in [out / "diagnosis.json", out / "optimization_config.yaml", *reports]:
+        tracker.log_artifact(run_id, path, "reports" if path.suffix in (".md", ".png") else None)
+    tracker.end_run(run_id)
+    causes = sorted({f["root_cause"] for f in findings})
+    print(f"diagnosis: {len(findings)} findings ({', '.join(causes) or 'none'}); strategy {strategy['chosen']}: {strategy['reason']}")
+
+
+def _optimize_run(args, diag: dict) -> Path | None:
+    """Where the chosen strategy's optimize run lives (None when optimization was skipped)."""
+    if getattr(args, "optimize_run", None):
+        return Path(args.optimize_run)
+    chosen = diag["strategy"]["chosen"]
+    return None if chosen == "none" else _exp_dir(args) / "optimize" / chosen
+
+
+def _primary_values(run_dirs: list[str], metric: str) -> tuple[list[float], list[str]]:
+    from tunewise.runs import RunDir
+
+    values = []
+    for d in run_dirs:
+        m = RunDir(d).require_finished()
+        if m["status"] != "done" or m["primary"]["best"] is None:
+            raise CliError(f"seed run {d} ended as {m['status']} ({m.get('reason')}); a failed seed cannot be dropped silently")
+        values.append(float(m["primary"]["best"]))
+    return values, list(run_dirs)
+
+
+def cmd_significance(args) -> None:
+    from tunewise.phases.decision import decide
+    from tunewise.phases.significance import compare, summarise
+    from tunewise.reports.render import write_optimization_results
+    from tunewise.runs import read_json, write_json
+
+    exp = _experiment(args)
+    metric = exp["metric"]
+    sig_cfg = exp["significance"]
+    diag_path = Path(args.diagnosis)
+    diag = read_json(diag_path)
+    args.optimized_runs = [d for d in args.optimized_runs if d]  # Snakemake quotes an empty list as ''
+    base_vals, base_runs = _primary_values([d for d in args.baseline_runs if d], metric["name"])
+    out = Path(args.out_dir)
+    if args.optimized_runs:
+        opt_vals, opt_runs = _primary_values(args.optimized_runs, metric["name"])
+        sig = compare(base_vals, opt_vals, metric["direction"], sig_cfg["alpha"], sig_cfg["min_improvement"],
+                      sig_cfg["improvement"], n_boot=sig_cfg["n_boot"], seed=0)
+        sig["baseline"]["runs"], sig["optimized"]["runs"] = base_runs, opt_runs
+    else:
+        sig = {"skipped": True, "reason": diag["strategy"]["reason"],
+               "baseline": {**summarise(base_vals), "values": base_vals, "runs": base_runs}}
+    sig.update({"metric": metric, "seeds": sig_cfg["seeds"], "mode": sig_cfg["improvement"],
+                "alpha": sig_cfg["alpha"], "min_improvement": sig_cfg["min_improvement"]})
+    decision = decide(
+        None if sig.get("skipped") else sig,
+        sig["baseline"]["mean"],
+        metric["direction"],
+        exp["finalize"]["target"],
+        diag["strategy"]["chosen"],
+        iterations_left=0,
+    )
+    decision["target"] = exp["finalize"]["target"]
+    write_json(out / "significance.json", sig)
+    write_json(out / "decision.json", decision)
+    optimize_run = _optimize_run(args, diag)
+    reports = write_optimization_results(out / "significance.json", out / "decision.json", diag_path,
+                                         Path(diag["baseline"]["run_dir"]), optimize_run, Path(args.reports_dir))
+
+    tracker = _tracker(exp)
+    parent = tracker.parent_run("significance", _base_tags(exp, "significance", None), _exp_dir(args) / "tracking.json")
+    numbers = {k: sig[k] for k in ("diff", "improvement", "improvement_rel", "p_one_sided", "p_two_sided", "ci_low", "ci_high", "effect_size_g") if k in sig}
+    numbers |= {"baseline_mean": sig["baseline"]["mean"], "baseline_std": sig["baseline"]["std"]}
+    if "optimized" in sig:
+        numbers |= {"optimized_mean": sig["optimized"]["mean"], "optimized_std": sig["optimized"]["std"]}
+    tracker.log_metrics(parent, {k: v for k, v in numbers.items() if v is not None})
+    tracker.set_tags(parent, {"verdict": sig.get("verdict", "skipped"), "decision": decision["option"], "rule": args.rule or ""})
+    for path in [out / "significance.json", out / "decision.json", *reports]:
+        tracker.log_artifact(parent, path, "reports" if path.suffix in (".md", ".png") else None)
+    tracker.end_run(parent)
+    print(f"significance: {sig.get('verdict', 'skipped')}; decision {decision['option']} ({decision['label']})")
+
+
+def cmd_gate(args) -> None:
+    from tunewise.phases import gates
+    from tunewise.reports.render import write_checklist
+    from tunewise.runs import write_json
+
+    exp = _experiment(args)
+    exp_dir, reports_dir = _exp_dir(args), Path(args.reports_dir)
+    if args.name == "diagnostics":
+        checks, title = gates.diagnostics_checks(exp_dir, reports_dir), "Phase 3 diagnostics complete"
+    elif args.name == "optimization_complete":
+        from tunewise.runs import read_json
+
+        opt = _optimize_run(args, read_json(exp_dir / "diagnosis" / "diagnosis.json"))
+        checks, title = gates.optimization_checks(exp_dir, reports_dir, opt), "Phase 4 optimization complete"
+    else:
+        raise CliError(f"unknown gate {args.name!r}")
+    write_checklist(args.name, title, checks, reports_dir)
+    ok, missing = gates.passed(checks)
+    out = Path(args.out)
+    if not ok and exp["gates"]["enforce"]:
+        out.unlink(missing_ok=True)
+        raise CliError(
+            f"gate {args.name} of {exp['name']} failed: required box(es) unticked: "
+            + "; ".join(missing) + f" (see {reports_dir / 'checklists' / (args.name + '.md')}; gates.enforce: false to proceed anyway)"
+        )
+    write_json(out, {"gate": args.name, "passed": ok, "enforced": exp["gates"]["enforce"], "checks": checks})
+    print(f"gate {args.name}: {'passed' if ok else 'NOT passed (not enforced)'}")
+
+
+def cmd_finalize(args) -> None:
+    import shutil
+
+    from tunewise.config import load_yaml
+    from tunewise.reports.render import write_final_report
+    from tunewise.runs import RunDir, atomic_write_text, read_json, write_json
+    from tunewise.trainers import get_trainer
+    from tunewise.devices import resolve_device, set_threads
+
+    exp = _experiment(args)
+    decision = read_json(args.decision)
+    config_path = Path(args.optimized_config if decision["chosen_side"] == "optimized" else args.baseline_config)
+    out = Path(args.out_dir)
+    run_dir = out / "run"
+    # train the final model through the same verb as every other run
+    train_args = argparse.Namespace(
+        experiment_file=args.experiment_file, run_dir=str(run_dir), config_file=str(config_path), seed=None,
+        phase="final", side=decision["chosen_side"], threads=args.threads, set=None, rule=args.rule,
+        run_name="final", force=False,
+    )
+    cmd_train(train_args)
+    run = RunDir(run_dir)
+    metrics = run.require_finished()
+    if metrics["status"] != "done":
+        raise CliError(f"final training ended as {metrics['status']}: {metrics.get('reason')}")
+    set_threads(args.threads)
+    trainer = get_trainer(exp["trainer"])
+    device = resolve_device(exp["device"])
+    config = load_yaml(config_path)
+    # the test split is touched here, once, with the best checkpoint
+    test = trainer.evaluate_test(config, run.checkpoints / "best.pt", device)
+    shutil.copyfile(run.checkpoints / "best.pt", out / "best_model_optimized.pt")
+    shutil.copyfile(run.checkpoints / "last.pt", out / "last_model_optimized.pt")
+    atomic_write_text(out / "final_config.yaml", config_path.read_text(encoding="utf-8"))
+    final = {
+        "chosen_side": decision["chosen_side"],
+        "decision": decision["option"],
+        "config_path": str(out / "final_config.yaml"),
+        "run_dir": str(run_dir),
+        "val": {"best": metrics["primary"]["best"], "best_step": metrics["best_step"]},
+        "test": test,
+        "checkpoints": {"best": str(out / "best_model_optimized.pt"), "last": str(out / "last_model_optimized.pt")},
+    }
+    write_json(out / "final.json", final)
+    reports = write_final_report(out / "final.json", Path(args.decision), Path(args.reports_dir))
+    tracker = _tracker(exp)
+    run_id = RunDir(run_dir).info()["mlflow_run_id"]
+    tracker.log_metrics(run_id, test)
+    for path in [out / "final.json", out / "final_config.yaml", *reports]:
+        tracker.log_artifact(run_id, path, "reports" if path.suffix in (".md", ".png") else None)
+    primary_test = exp["metric"]["name"].replace("val/", "test/", 1)
+    print(f"finalized {exp['name']} with the {decision['chosen_side']} config: {primary_test} = {test.get(primary_test)}")
+
+
+def cmd_report_index(args) -> None:
+    from tunewise.reports.render import write_index
+
+    path = write_index(Path(args.results_dir), Path(args.reports_dir))
+    print(f"wrote {path}")
+
+
+# --- argument parsing -----------------------------------------------------------------------
+
+
+def _common(p: argparse.ArgumentParser, experiment: bool = True) -> None:
+    if experiment:
+        p.add_argument("--experiment-file", required=True, help="results/<exp>/experiment.yaml (from `tunewise resolve`)")
+    p.add_argument("--rule", default=None, help="Snakemake rule name, recorded as an MLflow tag")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from tunewise import __version__
+
+    parser = argparse.ArgumentParser(prog="tunewise", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"tunewise {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="verb", required=True)
+
+    p = sub.add_parser("validate", help="validate a config file")
+    p.add_argument("config")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("resolve", help="write one experiment's fully resolved config")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config", help="config YAML")
+    src.add_argument("--config-json", help="the workflow config as JSON (used by the Snakefile)")
+    p.add_argument("--experiment", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_resolve)
+
+    p = sub.add_parser("prepare-data", help="make the experiment's data ready (cached)")
+    _common(p)
+    p.add_argument("--out", required=True)
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=cmd_prepare_data)
+
+    p = sub.add_parser("train", help="train one run into a run directory (resumes from last.pt)")
+    _common(p)
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--config-file", help="full trainer config (default: the experiment's baseline)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--phase", default="baseline", choices=["baseline", "optimize", "seed", "final"])
+    p.add_argument("--side", default=None, choices=[None, "baseline", "optimized"])
+    p.add_argument("--threads", type=int)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="dotted override, e.g. optim.lr=0.01")
+    p.add_argument("--run-name")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("diagnose", help="Phase 3: findings, recommendations, config patch, strategy")
+    _common(p)
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--reports-dir", required=True)
+    p.set_defaults(func=cmd_diagnose)
+
+    p = sub.add_parser("significance", help="multi-seed comparison and the decision point")
+    _common(p)
+    p.add_argument("--diagnosis", required=True)
+    p.add_argument("--baseline-runs", nargs="+", required=True)
+    p.add_argument("--optimized-runs", nargs="*", default=[])
+    p.add_argument("--optimize-run")
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--reports-dir", required=True)
+    p.set_defaults(func=cmd_significance)
+
+    p = sub.add_parser("gate", help="render a checklist from checks; fail on an unticked required box")
+    _common(p)
+    p.add_argument("--name", required=True, choices=["diagnostics", "optimization_complete"])
+    p.add_argument("--optimize-run")
+    p.add_argument("--out", required=True)
+    p.add_argument("--reports-dir", required=True)
+    p.set_defaults(func=cmd_gate)
+
+    p = sub.add_parser("finalize", help="Phase 5: final training, test split once, final checkpoints")
+    _common(p)
+    p.add_argument("--decision", required=True)
+    p.add_argument("--baseline-config", required=True)
+    p.add_argument("--optimized-config", required=True)
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--reports-dir", required=True)
+    p.add_argument("--threads", type=int)
+    p.set_defaults(func=cmd_finalize)
+
+    p = sub.add_parser("report-index", help="reports/index.md across experiments")
+    _common(p, experiment=False)
+    p.add_argument("--results-dir", default="results")
+    p.add_argument("--reports-dir", default="reports")
+    p.set_defaults(func=cmd_report_index)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from tunewise.config import ConfigError
+
+    try:
+        args.func(args)
+    except (CliError, ConfigError, FileNotFoundError) as e:
+        print(f"tunewise {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

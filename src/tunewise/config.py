@@ -1,0 +1,214 @@
+"""Configuration: load, validate (JSON Schema + trainer defaults), merge, override, hash.
+
+Every problem is reported as a ConfigError whose message names the dotted key and what
+was expected, so a bad config stops the workflow before any job runs.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
+IMPLEMENTED_STRATEGIES = {"auto", "targeted", "none"}
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the offending key in the message."""
+
+
+def load_yaml(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+
+
+def dump_yaml(data: Any) -> str:
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
+
+
+def config_hash(data: Any) -> str:
+    blob = json.dumps(data, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """A copy of `base` with `override` merged in; nested dicts merge, everything else replaces."""
+    out = copy.deepcopy(base)
+    for key, value in (override or {}).items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def get_dotted(data: dict, key: str) -> Any:
+    node = data
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(key)
+        node = node[part]
+    return node
+
+
+def set_dotted(data: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`optim.lr=0.01` -> ("optim.lr", 0.01); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw)
+
+
+# --- schema validation -------------------------------------------------------------------
+
+
+def _schema() -> dict:
+    with open(SCHEMA_PATH, encoding="utf-8") as f:
+        return yaml.safe_load(f)
+
+
+def _validator_with_defaults():
+    """jsonschema validator that fills `default:` values in, like Snakemake's validate()."""
+    from jsonschema import Draft202012Validator, validators
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for name, sub in properties.items():
+                if "default" in sub and name not in instance:
+                    instance[name] = copy.deepcopy(sub["default"])
+        yield from Draft202012Validator.VALIDATORS["properties"](validator, properties, instance, schema)
+
+    return validators.extend(Draft202012Validator, {"properties": set_defaults})
+
+
+def _key_path(error) -> str:
+    return ".".join(str(p) for p in error.absolute_path) or "(top level)"
+
+
+def validate_schema(config: Any) -> dict:
+    if not isinstance(config, dict):
+        raise ConfigError(f"config must be a mapping with an `experiments` key, got {type(config).__name__}")
+    config = copy.deepcopy(config)
+    validator = _validator_with_defaults()(_schema())
+    errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
+    if errors:
+        lines = [f"{_key_path(e)}: {e.message}" for e in errors[:10]]
+        raise ConfigError("invalid config:\n  " + "\n  ".join(lines))
+    return config
+
+
+# --- trainer-aware checks ----------------------------------------------------------------
+
+_NUMBER = (int, float)
+
+
+def _type_ok(default: Any, value: Any) -> bool:
+    if default is None or value is None:
+        return True  # None defaults mean "optional / any"; None values mean "off"
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, _NUMBER):
+        return isinstance(value, _NUMBER) and not isinstance(value, bool) and (
+            isinstance(default, float) or isinstance(value, int)
+        )
+    if isinstance(default, str):
+        return isinstance(value, str)
+    if isinstance(default, list):
+        return isinstance(value, list)
+    if isinstance(default, dict):
+        return isinstance(value, dict)
+    return True
+
+
+def _check_against_defaults(values: dict, defaults: dict, where: str, open_keys: set[str]) -> None:
+    for key, value in values.items():
+        dotted = f"{where}.{key}"
+        if key not in defaults:
+            close = difflib.get_close_matches(key, list(defaults), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{dotted}: unknown key{hint}; known keys: {', '.join(sorted(defaults))}")
+        default = defaults[key]
+        if not _type_ok(default, value):
+            expected = "number" if isinstance(default, float) else type(default).__name__
+            raise ConfigError(f"{dotted}: expected {expected}, got {type(value).__name__} {value!r}")
+        if isinstance(default, dict) and isinstance(value, dict) and dotted.split(".", 2)[-1] not in open_keys and default:
+            _check_against_defaults(value, default, dotted, open_keys)
+
+
+def resolve_experiment(config: dict, name: str) -> dict:
+    """The fully resolved experiment: schema defaults, trainer defaults, data and baseline merged.
+
+    The result is what every CLI verb reads (results/<exp>/experiment.yaml)."""
+    from tunewise.trainers import get_trainer
+
+    exp = copy.deepcopy(config["experiments"][name])
+    where = f"experiments.{name}"
+    if exp["optimize"]["strategy"] not in IMPLEMENTED_STRATEGIES:
+        raise ConfigError(
+            f"{where}.optimize.strategy: {exp['optimize']['strategy']!r} is not available in this version "
+            f"(available: {', '.join(sorted(IMPLEMENTED_STRATEGIES))})"
+        )
+    try:
+        trainer = get_trainer(exp["trainer"])
+    except (KeyError, ImportError, AttributeError) as e:
+        raise ConfigError(f"{where}.trainer: {e}") from None
+    defaults = trainer.default_config()
+    _check_against_defaults(exp["data"], defaults["data"], f"{where}.data", trainer.open_config_keys)
+    _check_against_defaults(exp["baseline"], defaults, f"{where}.baseline", trainer.open_config_keys)
+    if "data" in exp["baseline"]:
+        raise ConfigError(f"{where}.baseline.data: put data settings under {where}.data")
+    resolved = deep_merge(defaults, {"data": exp["data"]})
+    resolved = deep_merge(resolved, exp["baseline"])
+    try:
+        trainer.check_config(resolved)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+    seeds = exp["significance"]["seeds"]
+    exp["significance"]["seeds"] = list(range(seeds)) if isinstance(seeds, int) else seeds
+    exp["metric"] = {
+        "name": exp["metric"].get("name") or trainer.primary_metric,
+        "direction": exp["metric"].get("direction") or trainer.direction,
+    }
+    exp["name"] = name
+    exp["baseline"] = resolved
+    exp.pop("data")
+    exp["tracking"] = {"uri": config.get("tracking", {}).get("uri")}
+    return exp
+
+
+def validate(config: Any) -> dict:
+    """Schema + per-experiment trainer checks; returns the config with defaults filled."""
+    config = validate_schema(config)
+    for name in config["experiments"]:
+        resolve_experiment(config, name)
+    return config
+
+
+def load_experiment(path: str | os.PathLike) -> dict:
+    exp = load_yaml(path)
+    if not isinstance(exp, dict) or "baseline" not in exp or "trainer" not in exp:
+        raise ConfigError(f"{path}: not a resolved experiment file (run `tunewise resolve` first)")
+    return exp

@@ -1,0 +1,1 @@
+"""Shared training machinery used by every trainer: seeding, optimizers, schedules, the fit loop."""

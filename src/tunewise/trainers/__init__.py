@@ -1,0 +1,28 @@
+"""Trainer registry: built-in names, or `module:Class` for a trainer outside this repository."""
+from __future__ import annotations
+
+import importlib
+
+BUILTIN = {
+    "latent": "tunewise.trainers.latent.trainer:LatentTrainer",
+}
+
+
+def get_trainer(name: str):
+    target = BUILTIN.get(name)
+    if target is None:
+        if ":" not in name:
+            raise KeyError(
+                f"unknown trainer {name!r}: expected one of {', '.join(sorted(BUILTIN))} or module:Class"
+            )
+        target = name
+    module_name, _, class_name = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ImportError(f"trainer {name!r}: cannot import module {module_name!r} ({e})") from None
+    try:
+        cls = getattr(module, class_name)
+    except AttributeError:
+        raise AttributeError(f"trainer {name!r}: module {module_name!r} has no {class_name!r}") from None
+    return cls()

@@ -1,0 +1,76 @@
+import copy
+
+import pytest
+import yaml
+
+from tunewise.config import ConfigError, config_hash, deep_merge, load_yaml, parse_override, resolve_experiment, validate
+
+
+def base_config(**exp):
+    cfg = {"experiments": {"e1": {"trainer": "toy_trainer:ToyTrainer", **exp}}}
+    return cfg
+
+
+def test_defaults_are_filled_and_resolution_merges_trainer_defaults():
+    cfg = validate(base_config(baseline={"optim": {"lr": 0.05}}))
+    exp = cfg["experiments"]["e1"]
+    assert exp["significance"]["alpha"] == 0.05 and exp["significance"]["seeds"] == 5
+    assert exp["optimize"]["strategy"] == "auto"
+    resolved = resolve_experiment(cfg, "e1")
+    assert resolved["baseline"]["optim"]["lr"] == 0.05
+    assert resolved["baseline"]["optim"]["name"] == "adam"  # from the trainer's defaults
+    assert resolved["significance"]["seeds"] == [0, 1, 2, 3, 4]
+    assert resolved["metric"] == {"name": "val/neg_mse", "direction": "max"}
+
+
+@pytest.mark.parametrize(
+    "exp, needle",
+    [
+        ({"trainer": "nosuch"}, "experiments.e1.trainer: \"unknown trainer 'nosuch'"),
+        ({"significance": {"alpha": "0.05"}}, "experiments.e1.significance.alpha"),
+        ({"significance": {"seeds": 1}}, "experiments.e1.significance.seeds"),
+        ({"baseline": {"optim": {"lr": "fast"}}}, "experiments.e1.baseline.optim.lr: expected number"),
+        ({"baseline": {"optim": {"lrr": 0.1}}}, "did you mean 'lr'"),
+        ({"optimize": {"strategy": "magic"}}, "experiments.e1.optimize.strategy"),
+        ({"device": "tpu"}, "experiments.e1.device"),
+        ({"bogus": 1}, "'bogus' was unexpected"),
+    ],
+)
+def test_bad_values_name_the_key(exp, needle):
+    cfg = base_config()
+    cfg["experiments"]["e1"].update(exp)
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    assert needle in str(e.value)
+
+
+def test_experiment_names_are_restricted_to_safe_words():
+    with pytest.raises(ConfigError, match="experiments"):
+        validate({"experiments": {"a;rm -rf /": {"trainer": "toy_trainer:ToyTrainer"}}})
+
+
+def test_not_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("experiments: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_yaml(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        load_yaml(tmp_path / "nope.yaml")
+
+
+def test_latent_missing_data_path_is_named(tmp_path):
+    cfg = {"experiments": {"m": {"trainer": "latent", "data": {"source": "path", "path": str(tmp_path / "x.csv")}}}}
+    with pytest.raises(ConfigError, match=r"experiments\.m: data\.path: file not found"):
+        validate(cfg)
+
+
+def test_default_config_files_are_valid(repo):
+    for name in ("config.yaml", "test.yaml"):
+        validate(yaml.safe_load((repo / "config" / name).read_text()))
+
+
+def test_helpers():
+    assert deep_merge({"a": {"b": 1, "c": 2}}, {"a": {"b": 3}}) == {"a": {"b": 3, "c": 2}}
+    assert parse_override("optim.lr=0.01") == ("optim.lr", 0.01)
+    a = {"x": [1, 2], "y": {"z": 1}}
+    assert config_hash(a) == config_hash(copy.deepcopy(a)) != config_hash({"x": [2, 1], "y": {"z": 1}})

@@ -1,0 +1,91 @@
+# Paths, resources and input functions shared by every rule.
+import json
+import os
+
+from snakemake.exceptions import WorkflowError
+
+from tunewise.config import ConfigError, validate
+from tunewise.devices import cuda_expected
+
+try:
+    # schema + trainer-aware checks: a bad key stops the run before any job starts
+    _validated = validate(config)
+except ConfigError as e:
+    raise WorkflowError(f"tunewise: {e}") from None
+config.clear()
+config.update(_validated)
+
+EXPERIMENTS = list(config["experiments"])
+
+
+wildcard_constraints:
+    exp="|".join(EXPERIMENTS) if EXPERIMENTS else "[^/]+",
+    side="baseline|optimized",
+    seed=r"\d+",
+    gate="diagnostics|optimization_complete",
+
+
+def exp_cfg(wildcards):
+    return config["experiments"][wildcards.exp]
+
+
+def experiment_json(wildcards):
+    """Only this experiment's settings, so editing one experiment reruns only its jobs."""
+    return json.dumps(
+        {"tracking": config.get("tracking", {}), "experiments": {wildcards.exp: exp_cfg(wildcards)}},
+        sort_keys=True,
+    )
+
+
+def threads_for(wildcards):
+    return exp_cfg(wildcards)["resources"]["threads"]
+
+
+def gpus_for(wildcards):
+    # 0 GPUs on a CPU experiment, so `--resources gpu=1` never blocks CPU runs
+    device = exp_cfg(wildcards)["device"]
+    on_gpu = device == "cuda" or (device == "auto" and cuda_expected())
+    return exp_cfg(wildcards)["resources"]["gpus"] if on_gpu else 0
+
+
+def mem_for(wildcards, attempt):
+    return exp_cfg(wildcards)["resources"]["mem_mb"] * attempt
+
+
+def runtime_for(wildcards):
+    return exp_cfg(wildcards)["resources"]["runtime"]
+
+
+def strategy(wildcards):
+    """The strategy the diagnosis chose: the DAG below the diagnose checkpoint depends on it."""
+    path = checkpoints.diagnose.get(exp=wildcards.exp).output.diagnosis
+    with open(path) as f:
+        return json.load(f)["strategy"]["chosen"]
+
+
+def optimize_outputs(wildcards):
+    chosen = strategy(wildcards)
+    if chosen == "none":
+        return []
+    return [f"results/{wildcards.exp}/optimize/{chosen}/metrics.json"]
+
+
+def seed_runs(wildcards, side):
+    seeds = exp_cfg(wildcards)["significance"]["seeds"]
+    seeds = list(range(seeds)) if isinstance(seeds, int) else seeds
+    return [f"results/{wildcards.exp}/seeds/{side}/seed{s}/metrics.json" for s in seeds]
+
+
+def significance_inputs(wildcards):
+    inputs = {
+        "exp": f"results/{wildcards.exp}/experiment.yaml",
+        "diagnosis": f"results/{wildcards.exp}/diagnosis/diagnosis.json",
+        "baseline": seed_runs(wildcards, "baseline"),
+        "optimize": optimize_outputs(wildcards),
+    }
+    inputs["optimized"] = seed_runs(wildcards, "optimized") if inputs["optimize"] else []
+    return inputs
+
+
+def run_dirs(paths):
+    return [os.path.dirname(p) for p in paths]

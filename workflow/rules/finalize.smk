@@ -1,0 +1,29 @@
+rule finalize:
+    input:
+        exp="results/{exp}/experiment.yaml",
+        data="results/{exp}/data/ready.json",
+        decision="results/{exp}/significance/decision.json",
+        gate="results/{exp}/gates/optimization_complete.json",
+        baseline="results/{exp}/baseline/metrics.json",
+        optimized_config="results/{exp}/diagnosis/optimization_config.yaml",
+    output:
+        final="results/{exp}/final/final.json",
+        best="results/{exp}/final/best_model_optimized.pt",
+        last="results/{exp}/final/last_model_optimized.pt",
+        config="results/{exp}/final/final_config.yaml",
+    params:
+        baseline_config=lambda wc, input: os.path.join(os.path.dirname(input.baseline), "config.yaml"),
+        out_dir=lambda wc, output: os.path.dirname(output.final),
+        reports="reports/{exp}",
+    log:
+        "results/{exp}/logs/finalize.log",
+    threads: threads_for
+    resources:
+        gpu=gpus_for,
+        mem_mb=mem_for,
+        runtime=runtime_for,
+    shell:
+        "tunewise finalize --experiment-file {input.exp:q} --decision {input.decision:q}"
+        " --baseline-config {params.baseline_config:q} --optimized-config {input.optimized_config:q}"
+        " --out-dir {params.out_dir:q} --reports-dir {params.reports:q} --threads {threads}"
+        " --rule finalize > {log:q} 2>&1"

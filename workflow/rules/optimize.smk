@@ -1,0 +1,20 @@
+rule optimize_targeted:
+    input:
+        exp="results/{exp}/experiment.yaml",
+        data="results/{exp}/data/ready.json",
+        config="results/{exp}/diagnosis/optimization_config.yaml",
+        gate="results/{exp}/gates/diagnostics.json",
+    output:
+        "results/{exp}/optimize/targeted/metrics.json",
+    params:
+        run_dir=lambda wc, output: os.path.dirname(output[0]),
+    log:
+        "results/{exp}/logs/optimize_targeted.log",
+    threads: threads_for
+    resources:
+        gpu=gpus_for,
+        mem_mb=mem_for,
+        runtime=runtime_for,
+    shell:
+        "tunewise train --experiment-file {input.exp:q} --config-file {input.config:q}"
+        " --run-dir {params.run_dir:q} --phase optimize --threads {threads} --rule optimize_targeted > {log:q} 2>&1"

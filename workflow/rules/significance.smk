@@ -1,0 +1,49 @@
+rule seed_run:
+    input:
+        exp="results/{exp}/experiment.yaml",
+        data="results/{exp}/data/ready.json",
+        # the optimized side trains the diagnosis' config; the baseline side the experiment's own
+        config=lambda wc: (
+            [f"results/{wc.exp}/diagnosis/optimization_config.yaml"] if wc.side == "optimized" else []
+        ),
+    output:
+        "results/{exp}/seeds/{side}/seed{seed}/metrics.json",
+    params:
+        run_dir=lambda wc, output: os.path.dirname(output[0]),
+    log:
+        "results/{exp}/logs/seed_run_{side}_{seed}.log",
+    threads: threads_for
+    resources:
+        gpu=gpus_for,
+        mem_mb=mem_for,
+        runtime=runtime_for,
+    shell:
+        "tunewise train --experiment-file {input.exp:q} --run-dir {params.run_dir:q} --phase seed"
+        " --side {wildcards.side} --seed {wildcards.seed} --threads {threads} --rule seed_run > {log:q} 2>&1"
+
+
+rule significance:
+    input:
+        unpack(significance_inputs),
+    output:
+        significance="results/{exp}/significance/significance.json",
+        decision="results/{exp}/significance/decision.json",
+        report=report(
+            "reports/{exp}/optimization_results.md",
+            caption="../report/optimization_results.rst",
+            category="{exp}",
+            subcategory="Phase 4: optimization",
+        ),
+    params:
+        baseline=lambda wc, input: run_dirs(input.baseline),
+        optimized=lambda wc, input: run_dirs(input.optimized),
+        out_dir=lambda wc, output: os.path.dirname(output.significance),
+        reports="reports/{exp}",
+    log:
+        "results/{exp}/logs/significance.log",
+    resources:
+        gpu=0,
+    shell:
+        "tunewise significance --experiment-file {input.exp:q} --diagnosis {input.diagnosis:q}"
+        " --baseline-runs {params.baseline:q} --optimized-runs {params.optimized:q}"
+        " --out-dir {params.out_dir:q} --reports-dir {params.reports:q} --rule significance > {log:q} 2>&1"
