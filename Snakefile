@@ -1,11 +1,16 @@
 # tunewise: baseline -> diagnose -> optimize -> multi-seed significance -> finalize.
 # Run: snakemake --cores 8 --resources gpu=1   (see README.md)
+import os
+
 from snakemake.utils import min_version
 
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+# the embedded default, unless --configfile gave another (merging both would mix experiments)
+if not config:
+
+    configfile: os.path.join(workflow.basedir, "config", "config.yaml")
 
 
 include: "workflow/rules/common.smk"

@@ -212,7 +212,7 @@ def cmd_diagnose(args) -> None:
         exp["optimize"]["strategy"], findings, best, exp["finalize"]["target"], metric["direction"],
         available={"targeted", "none"},
     )
-    if strategy["chosen"] != "none" and not patch:
+    if exp["optimize"]["strategy"] == "auto" and strategy["chosen"] != "none" and not patch:
         strategy = {**strategy, "chosen": "none", "reason": strategy["reason"] + "; but no recommendation maps to a knob of this trainer, so nothing to change"}
     out = Path(args.out_dir)
     optimized = apply_patch(config, patch)

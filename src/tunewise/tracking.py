@@ -56,16 +56,14 @@ class Tracker:
 
         logging.getLogger("alembic").setLevel(logging.WARNING)
         self.uri = resolve_uri(uri)
-        self.client = MlflowClient(tracking_uri=self.uri)
-        lock = None
         if self.uri.startswith("sqlite:///"):
+            # the first client creates the schema: under a lock, so parallel jobs never race migrations
             db = Path(self.uri[len("sqlite:///"):])
-            lock = FileLock(str(db) + ".lock", timeout=300)
-        # creating the schema and the experiment once, under a lock, avoids racing migrations
-        if lock is not None:
-            with lock:
+            with FileLock(str(db) + ".lock", timeout=300):
+                self.client = MlflowClient(tracking_uri=self.uri)
                 self.experiment_id = self._ensure_experiment(experiment)
         else:
+            self.client = MlflowClient(tracking_uri=self.uri)
             self.experiment_id = _retry(self._ensure_experiment, experiment)
 
     def _ensure_experiment(self, name: str) -> str:

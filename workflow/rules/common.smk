@@ -57,7 +57,11 @@ def runtime_for(wildcards):
 
 
 def strategy(wildcards):
-    """The strategy the diagnosis chose: the DAG below the diagnose checkpoint depends on it."""
+    """The optimize strategy. Under `auto` the diagnosis chooses, so the DAG below the diagnose
+    checkpoint waits for it; an explicit strategy is known up front (and shows in `snakemake -n`)."""
+    requested = exp_cfg(wildcards)["optimize"]["strategy"]
+    if requested != "auto":
+        return requested
     path = checkpoints.diagnose.get(exp=wildcards.exp).output.diagnosis
     with open(path) as f:
         return json.load(f)["strategy"]["chosen"]
@@ -77,12 +81,7 @@ def seed_runs(wildcards, side):
 
 
 def significance_inputs(wildcards):
-    inputs = {
-        "exp": f"results/{wildcards.exp}/experiment.yaml",
-        "diagnosis": f"results/{wildcards.exp}/diagnosis/diagnosis.json",
-        "baseline": seed_runs(wildcards, "baseline"),
-        "optimize": optimize_outputs(wildcards),
-    }
+    inputs = {"optimize": optimize_outputs(wildcards)}
     inputs["optimized"] = seed_runs(wildcards, "optimized") if inputs["optimize"] else []
     return inputs
 

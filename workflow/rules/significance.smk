@@ -25,6 +25,11 @@ rule seed_run:
 rule significance:
     input:
         unpack(significance_inputs),
+        exp="results/{exp}/experiment.yaml",
+        diagnosis="results/{exp}/diagnosis/diagnosis.json",
+        gate="results/{exp}/gates/diagnostics.json",
+        # the baseline side does not depend on the diagnosis: its seeds start right away
+        baseline=lambda wc: seed_runs(wc, "baseline"),
     output:
         significance="results/{exp}/significance/significance.json",
         decision="results/{exp}/significance/decision.json",
@@ -35,8 +40,9 @@ rule significance:
             subcategory="Phase 4: optimization",
         ),
     params:
-        baseline=lambda wc, input: run_dirs(input.baseline),
-        optimized=lambda wc, input: run_dirs(input.optimized),
+        # params are evaluated once before the diagnose checkpoint has run, when inputs are unknown
+        baseline=lambda wc, input: run_dirs(getattr(input, "baseline", [])),
+        optimized=lambda wc, input: run_dirs(getattr(input, "optimized", [])),
         out_dir=lambda wc, output: os.path.dirname(output.significance),
         reports="reports/{exp}",
     log:

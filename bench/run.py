@@ -1,0 +1,194 @@
+"""tunewise benchmarks: each entry measures two things side by side in one run and prints
+their ratio as a row of a markdown table.
+
+    make bench                         # every entry
+    make bench ARGS="--only loop"      # one entry by name
+    python bench/run.py --list
+
+An entry is a function returning rows `{"entry", "what", "a", "b", "ratio", "goal", "ok"}`;
+later issues add entries to ENTRIES.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+
+def _row(entry, what, a, b, unit, goal=None, ok=None):
+    return {"entry": entry, "what": what, "a": f"{a:.3f} {unit}", "b": f"{b:.3f} {unit}",
+            "ratio": a / b, "goal": goal or "-", "ok": "-" if ok is None else ("yes" if ok else "NO")}
+
+
+# --- loop: the shared fit loop vs a plain PyTorch loop ------------------------------------------
+
+
+def _loop_setup(n=20000, n_in=132, n_tasks=4, seed=0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, n_in, generator=g)
+    w = torch.randn(n_in, n_tasks, generator=g) / n_in**0.5
+    y = torch.tanh(x @ w) + 0.1 * torch.randn(n, n_tasks, generator=g)
+    y[torch.rand(n, n_tasks, generator=g) < 0.05] = float("nan")  # missing targets, as in real tables
+    split = n * 9 // 10
+    return x[:split], y[:split], x[split:], y[split:]
+
+
+def _plain_loop(data, cfg, seed):
+    """What a researcher writes by hand: shuffle, forward, loss, backward, step, evaluate."""
+    import torch
+
+    from tunewise.trainers.latent.model import LatentModel, multitask_loss, regression_metrics
+
+    torch.manual_seed(seed)
+    xt, yt, xv, yv = data
+    model = LatentModel(xt.shape[1], yt.shape[1], hidden=256, latent_dim=64)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg["optim"]["lr"])
+    bs = cfg["train"]["batch_size"]
+    for epoch in range(cfg["train"]["epochs"]):
+        model.train()
+        order = torch.randperm(len(xt))
+        for i in range(0, len(xt), bs):
+            idx = order[i : i + bs]
+            _, preds, recon = model(xt[idx])
+            loss, _ = multitask_loss(preds, yt[idx], recon, xt[idx], None, 0.5)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.eval()
+        with torch.no_grad():
+            for x, y in ((xt[:4096], yt[:4096]), (xv, yv)):
+                _, preds, recon = model(x)
+                multitask_loss(preds, y, recon, x, None, 0.5)
+                regression_metrics(preds, y, ["a", "b", "c", "d"])
+
+
+def _fit_loop(data, cfg, seed, run_dir):
+    import torch
+
+    from tunewise.runs import RunDir
+    from tunewise.train.loop import fit
+    from tunewise.train.seed import epoch_generator
+    from tunewise.trainers.latent.model import LatentModel, multitask_loss, regression_metrics
+
+    class Null:
+        def epoch(self, step, row):
+            pass
+
+        def replay(self, rows):
+            pass
+
+    torch.manual_seed(seed)
+    xt, yt, xv, yv = data
+    model = LatentModel(xt.shape[1], yt.shape[1], hidden=256, latent_dim=64)
+    bs = cfg["train"]["batch_size"]
+    run = RunDir(run_dir)
+    run.start(cfg, seed)
+
+    def batches(epoch):
+        order = torch.randperm(len(xt), generator=epoch_generator(seed, epoch))
+        for i in range(0, len(xt), bs):
+            idx = order[i : i + bs]
+            yield xt[idx], yt[idx]
+
+    def step(batch):
+        x, y = batch
+        _, preds, recon = model(x)
+        loss, _ = multitask_loss(preds, y, recon, x, None, 0.5)
+        return loss, len(x)
+
+    def evaluate():
+        out = {}
+        for split, (x, y) in {"train": (xt[:4096], yt[:4096]), "val": (xv, yv)}.items():
+            _, preds, recon = model(x)
+            loss, _ = multitask_loss(preds, y, recon, x, None, 0.5)
+            out[f"{split}/loss"] = float(loss)
+            out.update({f"{split}/{k}": v for k, v in regression_metrics(preds, y, ["a", "b", "c", "d"]).items()})
+        return out
+
+    fit(model=model, config=cfg, run=run, reporter=Null(), device=torch.device("cpu"), seed=seed,
+        train_batches=batches, steps_per_epoch=(len(xt) + bs - 1) // bs, train_step=step, evaluate=evaluate,
+        primary="val/r2_mean", direction="max", progress=False)
+
+
+def bench_loop(repeats: int = 3) -> list[dict]:
+    import torch
+
+    torch.set_num_threads(1)
+    cfg = {
+        "optim": {"name": "adam", "lr": 1e-3, "weight_decay": 0.0, "param_groups": {}},
+        "schedule": {"name": "none"},
+        "train": {"epochs": 4, "batch_size": 256, "grad_clip": None, "patience": None, "amp": "auto"},
+    }
+    data = _loop_setup()
+    plain, ours = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(repeats):  # interleaved, so drift in machine load hits both sides alike
+            t = time.perf_counter()
+            _plain_loop(data, cfg, r)
+            plain.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            _fit_loop(data, cfg, r, Path(tmp) / f"run{r}")
+            ours.append(time.perf_counter() - t)
+    a, b = statistics.median(ours), statistics.median(plain)
+    return [_row("loop", "fit loop (checkpoints, history, grad norms) vs plain PyTorch loop, 18k rows x 4 epochs",
+                 a, b, "s", "<= 1.10x", a / b <= 1.10)]
+
+
+# --- job: fixed start-up cost of a tunewise verb ------------------------------------------------
+
+
+def _time_cmd(cmd: list[str], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        subprocess.run(cmd, check=True, capture_output=True, cwd=REPO)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def bench_job(repeats: int = 5) -> list[dict]:
+    tunewise = str(Path(sys.executable).with_name("tunewise"))
+    bare = _time_cmd([sys.executable, "-c", "pass"], repeats)
+    help_ = _time_cmd([tunewise, "--help"], repeats)
+    validate = _time_cmd([tunewise, "validate", "config/test.yaml"], repeats)
+    return [
+        _row("job", "`tunewise --help` vs `python -c pass`", help_, bare, "s"),
+        _row("job", "`tunewise validate config/test.yaml` (imports torch) vs `python -c pass`", validate, bare, "s"),
+    ]
+
+
+ENTRIES = {"loop": bench_loop, "job": bench_job}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", action="append", choices=sorted(ENTRIES), help="run only this entry (repeatable)")
+    parser.add_argument("--list", action="store_true")
+    args = parser.parse_args()
+    if args.list:
+        print("\n".join(sorted(ENTRIES)))
+        return 0
+    rows = []
+    for name in args.only or list(ENTRIES):
+        print(f"running {name} ...", file=sys.stderr)
+        rows.extend(ENTRIES[name]())
+    print(f"\nhost: {os.cpu_count()} cores, python {sys.version.split()[0]}\n")
+    print("| entry | what | a | b | ratio a/b | goal | ok |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['entry']} | {r['what']} | {r['a']} | {r['b']} | {r['ratio']:.3f} | {r['goal']} | {r['ok']} |")
+    return 0 if all(r["ok"] != "NO" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""The whole workflow, run by Snakemake on the tiny test config, on the CPU.
+
+One module-scoped run serves the output checks; the malformed-config and kill-and-resume
+tests use workflows of their own.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+EXP = "latent_tiny"
+pytestmark = pytest.mark.e2e
+
+
+def snakemake(workdir: Path, *args: str, configfile: Path | None = None, timeout: int = 900, env=None):
+    cmd = [
+        sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+        "--workflow-profile", str(REPO / "profiles" / "default"),
+        "--configfile", str(configfile or REPO / "config" / "test.yaml"), *args,
+    ]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(env))
+
+
+def _env(extra=None):
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = str(REPO / "tests")  # lets configs name tests' toy_trainer:ToyTrainer
+    env.update(extra or {})
+    return env
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    work = tmp_path_factory.mktemp("wf")
+    proc = snakemake(work, "--cores", "2", "--resources", "gpu=1")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
+    return work, proc
+
+
+def _metrics(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def test_dry_run_lists_every_phase_rule(tmp_path):
+    proc = snakemake(tmp_path, "-n", "--quiet", "rules")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rule in ("resolve_experiment", "prepare_data", "train_baseline", "diagnose", "seed_run", "all"):
+        assert rule in proc.stdout, rule
+    # rules below the diagnose checkpoint are known to Snakemake even before it ran
+    listed = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
+                             "--configfile", str(REPO / "config" / "test.yaml"), "--list-rules"],
+                            capture_output=True, text=True, env=_env())
+    for rule in ("optimize_targeted", "significance", "gate", "finalize", "report_index"):
+        assert rule in listed.stdout, rule
+
+
+def test_lint_has_no_errors(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
+                           "--configfile", str(REPO / "config" / "test.yaml"), "--lint"],
+                          capture_output=True, text=True, env=_env())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_reports_exist_and_quote_the_run_files(finished):
+    work, _ = finished
+    reports, results = work / "reports" / EXP, work / "results" / EXP
+    for name in ("diagnostic_report.md", "optimization_results.md", "significance.md", "final_report.md",
+                 "checklists/diagnostics.md", "checklists/optimization_complete.md"):
+        assert (reports / name).exists(), name
+    assert (work / "reports" / "index.md").exists()
+    baseline = _metrics(results / "baseline" / "metrics.json")
+    diag = (reports / "diagnostic_report.md").read_text()
+    assert f"{baseline['primary']['best']:.4g}" in diag
+    sig = _metrics(results / "significance" / "significance.json")
+    results_md = (reports / "optimization_results.md").read_text()
+    assert f"{sig['baseline']['mean']:.4g}" in results_md
+    for path in sig["baseline"]["runs"]:
+        value = _metrics(Path(work / path) / "metrics.json")["primary"]["best"]
+        assert value in sig["baseline"]["values"]
+    decision = _metrics(results / "significance" / "decision.json")
+    assert decision["option"] in "ABCD" and f"Option {decision['option']}" in results_md or decision["option"] in results_md
+    checklist = (reports / "checklists" / "optimization_complete.md").read_text()
+    assert "- [ ]" not in checklist.split("required")[0] or "(required)" not in checklist
+    final = _metrics(results / "final" / "final.json")
+    assert (results / "final" / "best_model_optimized.pt").exists()
+    assert (results / "final" / "last_model_optimized.pt").exists()
+    assert (results / "final" / "final_config.yaml").exists()
+    assert "test/r2_mean" in final["test"]
+
+
+def test_mlflow_holds_phase_runs_with_epoch_histories(finished):
+    from mlflow.tracking import MlflowClient
+
+    work, _ = finished
+    client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(EXP)
+    assert exp is not None
+    runs = client.search_runs([exp.experiment_id], max_results=200)
+    phases = {r.data.tags.get("phase") for r in runs}
+    assert {"baseline", "diagnose", "seed", "significance", "final"} <= phases
+    baseline = next(r for r in runs if r.data.tags.get("phase") == "baseline")
+    hist = pd.read_csv(work / "results" / EXP / "baseline" / "history.csv")
+    logged = client.get_metric_history(baseline.info.run_id, "val/r2_mean")
+    assert sorted(m.step for m in logged) == list(hist["step"])
+    assert [round(m.value, 6) for m in sorted(logged, key=lambda m: m.step)] == [round(v, 6) for v in hist["val/r2_mean"]]
+    assert baseline.data.tags["trainer"] == "latent" and baseline.data.tags["rule"] == "train_baseline"
+    assert len(baseline.data.tags["config_hash"]) == 12
+    parent = next(r for r in runs if r.data.tags.get("phase") == "significance")
+    seeds = [r for r in runs if r.data.tags.get("phase") == "seed"]
+    assert seeds and all(r.data.tags.get("mlflow.parentRunId") == parent.info.run_id for r in seeds)
+
+
+def test_nothing_to_do_after_a_finished_run(finished):
+    work, _ = finished
+    proc = snakemake(work, "-n")
+    assert proc.returncode == 0
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        ({"trainer": "resnet9000"}, "experiments.bad.trainer"),
+        ({"significance": {"seeds": "five"}}, "experiments.bad.significance.seeds"),
+        ({"data": {"source": "path", "path": "/nonexistent/table.csv", "targets": ["y"]}}, "data.path: file not found"),
+    ],
+)
+def test_malformed_configs_stop_before_any_job(tmp_path, change, needle):
+    exp = {"trainer": "latent", **change}
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(yaml.safe_dump({"experiments": {"bad": exp}}))
+    proc = snakemake(tmp_path, "--cores", "1", configfile=cfg)
+    assert proc.returncode != 0
+    assert needle in proc.stdout + proc.stderr
+    assert not (tmp_path / "results").exists() and not (tmp_path / "reports").exists()
+
+
+def test_killed_during_baseline_resumes_from_last_checkpoint(tmp_path):
+    cfg = yaml.safe_load((REPO / "config" / "test.yaml").read_text())
+    cfg["experiments"][EXP]["baseline"]["train"]["epochs"] = 60
+    cfg["experiments"][EXP]["significance"]["seeds"] = 2
+    path = tmp_path / "slow.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    last = tmp_path / "results" / EXP / "baseline" / "checkpoints" / "last.pt"
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
+           "--workflow-profile", str(REPO / "profiles" / "default"), "--configfile", str(path), "--cores", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
+    import torch
+
+    deadline = time.time() + 300
+    epoch = 0
+    while time.time() < deadline and epoch < 3:
+        time.sleep(0.5)
+        if last.exists():
+            try:
+                epoch = torch.load(last, weights_only=True)["epoch"]
+            except Exception:
+                pass  # being replaced right now
+    assert epoch >= 3, "baseline never reached epoch 3"
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does to the terminal's process group
+    proc.communicate(timeout=120)
+    assert not (tmp_path / "results" / EXP / "baseline" / "metrics.json").exists()
+    interrupted_at = torch.load(last, weights_only=True)["epoch"]
+    assert interrupted_at < 60
+
+    again = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    log = (tmp_path / "results" / EXP / "logs" / "train_baseline.log").read_text()
+    assert "resuming from checkpoints/last.pt" in log
+    hist = pd.read_csv(tmp_path / "results" / EXP / "baseline" / "history.csv")
+    assert list(hist["step"]) == list(range(1, 61))
+    run = json.loads((tmp_path / "results" / EXP / "baseline" / "run.json").read_text())
+    assert run["status"] == "done" and run["attempt"] == 2
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    logged = client.get_metric_history(run["mlflow_run_id"], "val/r2_mean")
+    steps = sorted(m.step for m in logged)
+    assert steps == list(range(1, 61))  # nothing lost or doubled across the kill
+    assert re.search(r"done, val/r2_mean best", log)
