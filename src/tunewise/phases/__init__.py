@@ -1,0 +1,1 @@
+"""Workflow phases: diagnosis, optimization, significance, decision and their checklist gates."""

@@ -1,0 +1,431 @@
+"""Phase 3: diagnose a training run from its curves (`history.csv` + `metrics.json`).
+
+Rules follow Google's Deep Learning Tuning Playbook and seed 004 (reference/methods.md, "Diagnosis
+rules"). Each rule reads only the run-directory contract, so the engine serves every trainer. A finding is
+`{id, root_cause, severity, summary, evidence}`; every finding carries numbers as evidence, because the
+diagnostics gate and the report quote them.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT_CAUSES = ("lr_too_high", "overfitting", "underfitting", "lr_too_low", "early_plateau", "noisy", "resources",
+               "unknown")
+SEVERITY_ORDER = {"high": 0, "medium": 1, "low": 2}
+# findings that do not call for a config change of the model/optimiser: they never justify optimizing
+NON_ACTIONABLE = frozenset({"resources", "unknown"})
+
+DEFAULT_THRESHOLDS: dict = {
+    # fewer history rows than this: the curve rules cannot tell trend from noise
+    "min_rows": 4,
+    # rising training loss: final loss above min + rising_frac * (max - min) of the training loss ...
+    "rising_frac": 0.25,
+    # ... and the least-squares slope over this trailing share of steps is positive
+    "tail_frac": 0.25,
+    # oscillating training loss: std of first differences over the second half of training, relative to the
+    # loss range (max - min) ...
+    "loss_jitter_rel": 0.1,
+    # ... and relative to the loss level there (median |loss|), so a flat curve with float jitter is not flagged
+    "loss_jitter_level": 0.05,
+    # noisy validation: std of first differences of the primary metric over the second half, relative to the
+    # primary metric's range (a per-epoch noise of ~10% of the achieved improvement)
+    "val_jitter_rel": 0.15,
+    # gradient clipping: mean share of clipped steps above this means the LR is too high (methods.md: >50%)
+    "clip_frac": 0.5,
+    # generalisation gap at the end counts as large above max(gap_abs, gap_rel * max(|train end|, |val end|))
+    "gap_rel": 0.1,
+    "gap_abs": 0.0,
+    # validation worsening after its best step: primary (or val loss) at the end worse than its best by more
+    # than worsen_rel of its range
+    "worsen_rel": 0.1,
+    # rows averaged for "the value at the end", so one noisy epoch does not decide a rule
+    "end_rows": 3,
+    # flat: the running best improved over the trailing tail_frac by less than flat_frac of its total improvement
+    "flat_frac": 0.1,
+    # underfitting: the training primary metric must reach this to count as good (None: see bounded_good_enough)
+    "good_enough": None,
+    # without good_enough: bounded metrics (r2, accuracy, similarity; direction max) are poor below this
+    "bounded_good_enough": 0.9,
+    # underfitting also tolerates a gap up to this share of the training metric's shortfall from good_enough:
+    # train 0.42 / val 0.36 against 0.9 is a bias problem even though the gap exceeds the overfitting threshold
+    "underfit_gap_share": 0.5,
+    # still improving: best step in the trailing tail_frac and the running best gained more than this share
+    # of its total improvement there
+    "still_improving_frac": 0.1,
+    # saturated early: best step within this leading share of steps ...
+    "early_frac": 0.1,
+    # ... judged only for runs at least this long (in 5 epochs, step 1 is not "early" in any useful sense)
+    "early_min_rows": 10,
+    # input-pipeline bound: mean share of epoch time spent waiting for batches above this
+    "data_frac": 0.3,
+}
+
+_BOUNDED_METRIC = re.compile(r"(^|[_\-/])(r2|acc|accuracy|sim|similarity)([_\-]|$)")
+
+
+def load_run(run_dir: str | Path) -> tuple[pd.DataFrame, dict]:
+    """`history.csv` (an empty frame when the run wrote none) and `metrics.json` of a run directory."""
+    run_dir = Path(run_dir)
+    history_path = run_dir / "history.csv"
+    history = pd.read_csv(history_path) if history_path.exists() else pd.DataFrame()
+    with open(run_dir / "metrics.json", encoding="utf-8") as f:
+        metrics = json.load(f)
+    return history, metrics
+
+
+# --- small numeric pieces ---------------------------------------------------------------------------------
+
+
+def _values(history: pd.DataFrame, column: str) -> np.ndarray:
+    return pd.to_numeric(history[column], errors="coerce").to_numpy(dtype=float)
+
+
+def _steps(history: pd.DataFrame) -> np.ndarray:
+    if "step" in history:
+        return pd.to_numeric(history["step"], errors="coerce").to_numpy(dtype=float)
+    return np.arange(1, len(history) + 1, dtype=float)
+
+
+def _tail_rows(n: int, frac: float) -> int:
+    return max(1, math.ceil(frac * n))
+
+
+def _end(values: np.ndarray, rows: int) -> float:
+    return float(np.mean(values[-max(1, min(rows, len(values))):]))
+
+
+def _running_gain(goodness: np.ndarray, tail: int) -> tuple[float, float]:
+    """(gain of the running best over the last `tail` rows, total gain of the running best over the first value).
+
+    The running best ignores noise below the best so far: a wobble at a plateau is not improvement.
+    """
+    best = np.maximum.accumulate(goodness)
+    before = best[-tail - 1] if len(best) > tail else goodness[0]
+    return float(best[-1] - before), float(best[-1] - goodness[0])
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4g}"
+
+
+def _finding(fid: str, root_cause: str, severity: str, summary: str, evidence: dict) -> dict:
+    clean = {k: (int(v) if isinstance(v, (int, np.integer)) and not isinstance(v, bool) else float(v))
+             for k, v in evidence.items() if v is not None and math.isfinite(float(v))}
+    return {"id": fid, "root_cause": root_cause, "severity": severity, "summary": summary, "evidence": clean}
+
+
+def _train_counterpart(primary: str) -> str | None:
+    return "train/" + primary[len("val/"):] if primary.startswith("val/") else None
+
+
+def _p90_grad_norm(history: pd.DataFrame, upto: int | None = None) -> float | None:
+    """Mean of the per-epoch 90th percentiles: what methods.md says to clip at."""
+    if "grad_norm_p90" not in history:
+        return None
+    p90 = _values(history, "grad_norm_p90")[:upto]
+    p90 = p90[np.isfinite(p90)]
+    return float(p90.mean()) if len(p90) else None
+
+
+# --- rules on column averages (meaningful on any length, diverged or not) -------------------------------
+
+
+def _grad_clipping(history: pd.DataFrame, th: dict) -> list[dict]:
+    if "grad_clip_frac" not in history:
+        return []
+    frac = _values(history, "grad_clip_frac")
+    frac = frac[np.isfinite(frac)]
+    if not len(frac) or frac.mean() <= th["clip_frac"]:
+        return []
+    p90 = _p90_grad_norm(history)
+    tail = f"; the 90th percentile of gradient norms is {_fmt(p90)}" if p90 is not None else ""
+    return [_finding(
+        "grad_clipping", "lr_too_high", "medium",
+        f"Gradient clipping was active on {frac.mean():.0%} of steps on average (above "
+        f"{th['clip_frac']:.0%}){tail}: the learning rate is too high for the clipping bound.",
+        {"grad_clip_frac": frac.mean(), "grad_norm_p90": p90},
+    )]
+
+
+def _input_bound(history: pd.DataFrame, th: dict) -> list[dict]:
+    if "data_frac" not in history:
+        return []
+    frac = _values(history, "data_frac")
+    frac = frac[np.isfinite(frac)]
+    if not len(frac) or frac.mean() <= th["data_frac"]:
+        return []
+    sps = _values(history, "samples_per_s") if "samples_per_s" in history else np.array([])
+    sps = sps[np.isfinite(sps)]
+    rate = float(sps.mean()) if len(sps) else None
+    rate_text = f" at {_fmt(rate)} samples/s" if rate is not None else ""
+    return [_finding(
+        "input_bound", "resources", "low",
+        f"Training waited for batches {frac.mean():.0%} of each epoch on average (above "
+        f"{th['data_frac']:.0%}){rate_text}: the input pipeline, not the model, bounds throughput.",
+        {"data_frac": frac.mean(), "samples_per_s": rate},
+    )]
+
+
+# --- divergence -------------------------------------------------------------------------------------------
+
+
+def _divergence(history: pd.DataFrame, metrics: dict, primary: str) -> dict | None:
+    n = len(history)
+    steps = _steps(history)
+    first: int | None = None
+    for column in ("train/loss", primary):
+        if column in history and n:
+            bad = ~np.isfinite(_values(history, column))
+            if bad.any():
+                i = int(np.argmax(bad))
+                first = i if first is None else min(first, i)
+    if first is None and metrics.get("status") != "diverged":
+        return None
+    # a run stopped for a non-finite loss may have raised before writing the row: the step after the last one
+    step = int(steps[first]) if first is not None else (int(steps[-1]) + 1 if n else 1)
+    upto = first if first is not None else n
+    last_loss = None
+    if "train/loss" in history and upto:
+        loss = _values(history, "train/loss")[:upto]
+        loss = loss[np.isfinite(loss)]
+        last_loss = float(loss[-1]) if len(loss) else None
+    loss_text = f" after a last finite training loss of {_fmt(last_loss)}" if last_loss is not None else ""
+    return _finding(
+        "divergence", "lr_too_high", "high",
+        f"Training diverged: the first non-finite training loss or {primary} appeared at step {step}{loss_text}.",
+        {"first_nonfinite_step": step, "last_finite_loss": last_loss, "grad_norm_p90": _p90_grad_norm(history, upto)},
+    )
+
+
+# --- curve rules ------------------------------------------------------------------------------------------
+
+
+def _training_loss_rules(history: pd.DataFrame, th: dict) -> list[dict]:
+    if "train/loss" not in history:
+        return []
+    loss, steps = _values(history, "train/loss"), _steps(history)
+    n = len(loss)
+    lo, hi = float(loss.min()), float(loss.max())
+    span = hi - lo
+    if span <= 0:
+        return []
+    found = []
+    tail = max(3, _tail_rows(n, th["tail_frac"]))
+    slope = float(np.polyfit(steps[-tail:], loss[-tail:], 1)[0])
+    rise = (loss[-1] - lo) / span
+    if rise > th["rising_frac"] and slope > 0:
+        min_step = int(steps[int(np.argmin(loss))])
+        found.append(_finding(
+            "rising_train_loss", "lr_too_high", "high",
+            f"Training loss rose to {_fmt(loss[-1])} at the end, {rise:.0%} of its range above its minimum "
+            f"{_fmt(lo)} at step {min_step} (slope {_fmt(slope)} per step over the last {tail} steps).",
+            {"final_loss": loss[-1], "min_loss": lo, "min_step": min_step, "rise_share": rise, "tail_slope": slope,
+             "grad_norm_p90": _p90_grad_norm(history)},
+        ))
+    half = loss[n // 2:]
+    if len(half) >= 3:
+        jitter = float(np.std(np.diff(half)))
+        level = float(np.median(np.abs(half)))
+        rel_span = jitter / span
+        rel_level = jitter / level if level > 0 else math.inf
+        if rel_span > th["loss_jitter_rel"] and rel_level > th["loss_jitter_level"]:
+            found.append(_finding(
+                "loss_oscillation", "lr_too_high", "medium",
+                f"Training loss jumps between epochs in the second half: step-to-step std {_fmt(jitter)} is "
+                f"{rel_span:.0%} of the loss range {_fmt(span)} and {rel_level:.0%} of the loss level {_fmt(level)}.",
+                {"loss_diff_std": jitter, "loss_range": span, "jitter_to_range": rel_span,
+                 "jitter_to_level": min(rel_level, 1e12), "grad_norm_p90": _p90_grad_norm(history)},
+            ))
+    return found
+
+
+def _noisy_validation(val: np.ndarray, primary: str, th: dict) -> list[dict]:
+    half = val[len(val) // 2:]
+    span = float(val.max() - val.min())
+    if len(half) < 3 or span <= 1e-12:
+        return []
+    jitter = float(np.std(np.diff(half)))
+    rel = jitter / span
+    if rel <= th["val_jitter_rel"]:
+        return []
+    return [_finding(
+        "noisy_validation", "noisy", "medium",
+        f"{primary} is noisy between epochs in the second half: step-to-step std {_fmt(jitter)} is {rel:.0%} of "
+        f"its range {_fmt(span)}, so its best step is partly chance.",
+        {"val_diff_std": jitter, "val_range": span, "jitter_to_range": rel},
+    )]
+
+
+def _bounded(primary: str) -> bool:
+    return bool(_BOUNDED_METRIC.search(primary.rsplit("/", 1)[-1].lower()))
+
+
+def diagnose(history: pd.DataFrame, metrics: dict, primary: str, direction: str,
+             thresholds: dict | None = None) -> list[dict]:
+    """Findings for one run, sorted by severity (high first) then id; none for a healthy run.
+
+    `history` follows the `history.csv` contract, `metrics` the `metrics.json` one; `primary` is the
+    validation metric that selects the best step, `direction` "max" or "min". `thresholds` override
+    `DEFAULT_THRESHOLDS` key by key (an unknown key is an error, so a typo is not silently ignored).
+    """
+    if direction not in ("max", "min"):
+        raise ValueError(f"direction must be 'max' or 'min', got {direction!r}")
+    unknown = set(thresholds or {}) - set(DEFAULT_THRESHOLDS)
+    if unknown:
+        raise ValueError(f"unknown diagnosis thresholds {sorted(unknown)}; known: {sorted(DEFAULT_THRESHOLDS)}")
+    th = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
+    sign = 1.0 if direction == "max" else -1.0
+
+    averages = _grad_clipping(history, th) + _input_bound(history, th)
+    diverged = _divergence(history, metrics, primary)
+    if diverged is not None:
+        # the curve before a blow-up says little about generalisation or convergence: report the blow-up
+        return _sorted([diverged, *averages])
+    if primary not in history:
+        raise ValueError(f"history has no column {primary!r} (the primary metric); columns: {list(history.columns)}")
+    n = len(history)
+    if n < th["min_rows"]:
+        short = _finding(
+            "insufficient_history", "unknown", "low",
+            f"Only {n} history rows (fewer than {th['min_rows']}): too short to judge the curves.",
+            {"rows": n, "min_rows": int(th["min_rows"])},
+        )
+        return _sorted([short, *averages])
+
+    steps = _steps(history)
+    val = _values(history, primary)
+    good = sign * val
+    best_i = int(np.argmax(good))
+    best_step, best_value = int(steps[best_i]), float(val[best_i])
+    tail = _tail_rows(n, th["tail_frac"])
+    val_end = _end(val, th["end_rows"])
+    found = [*averages, *_training_loss_rules(history, th), *_noisy_validation(val, primary, th)]
+
+    train_col = _train_counterpart(primary)
+    train = _values(history, train_col) if train_col and train_col in history else None
+    if train is not None and not np.isfinite(train).all():
+        train = None
+    gap = threshold = train_end = None
+    if train is not None:
+        train_end = _end(train, th["end_rows"])
+        gap = sign * (train_end - val_end)
+        threshold = max(th["gap_abs"], th["gap_rel"] * max(abs(train_end), abs(val_end)))
+
+    # overfitting: a large gap and validation getting worse after its best step
+    if gap is not None and gap > threshold:
+        degradation = sign * (best_value - val_end)
+        span = float(val.max() - val.min())
+        worse_primary = best_i < n - 1 and degradation > th["worsen_rel"] * span
+        val_loss_rise = None
+        if "val/loss" in history and primary != "val/loss":
+            vloss = _values(history, "val/loss")
+            if np.isfinite(vloss).all() and vloss.max() > vloss.min():
+                val_loss_rise = _end(vloss, th["end_rows"]) - float(vloss.min())
+                worse_loss = val_loss_rise > th["worsen_rel"] * float(vloss.max() - vloss.min())
+            else:
+                worse_loss = False
+        else:
+            worse_loss = False
+        if worse_primary or worse_loss:
+            found.append(_finding(
+                "overfitting", "overfitting", "high" if gap > 2 * threshold else "medium",
+                f"Train/validation gap of {_fmt(gap)} at the end ({train_col} {_fmt(train_end)} vs {primary} "
+                f"{_fmt(val_end)}, threshold {_fmt(threshold)}), and {primary} fell from its best {_fmt(best_value)} "
+                f"at step {best_step} by {_fmt(degradation)}.",
+                {"gap": gap, "gap_threshold": threshold, "train_end": train_end, "val_end": val_end,
+                 "best_step": best_step, "best_value": best_value, "degradation": degradation,
+                 "val_loss_rise": val_loss_rise},
+            ))
+
+    # underfitting: training metric poor and flat, validation flat too, and the gap small next to the shortfall
+    good_enough = th["good_enough"]
+    if good_enough is None and direction == "max" and _bounded(primary):
+        good_enough = th["bounded_good_enough"]
+    if train is not None and good_enough is not None:
+        shortfall = sign * (good_enough - train_end)
+        if shortfall > 0 and gap <= max(threshold, th["underfit_gap_share"] * shortfall):
+            t_recent, t_total = _running_gain(sign * train, tail)
+            v_recent, v_total = _running_gain(good, tail)
+            train_flat = t_total <= 0 or t_recent < th["flat_frac"] * t_total
+            val_flat = v_total <= 0 or v_recent < th["flat_frac"] * v_total
+            if train_flat and val_flat:
+                found.append(_finding(
+                    "underfitting", "underfitting", "high",
+                    f"{train_col} is flat at {_fmt(train_end)}, short of {_fmt(good_enough)}: it gained "
+                    f"{_fmt(t_recent)} over the last {tail} steps of a total {_fmt(t_total)}, with a gap of only "
+                    f"{_fmt(gap)} to {primary} {_fmt(val_end)} against a shortfall of {_fmt(shortfall)}.",
+                    {"train_end": train_end, "val_end": val_end, "good_enough": good_enough, "gap": gap,
+                     "shortfall": shortfall,
+                     "train_recent_gain": t_recent, "train_total_gain": t_total},
+                ))
+
+    # still improving at the end: compute-bound, or the LR is too low to converge in the budget
+    recent, total = _running_gain(good, tail)
+    if best_i >= n - tail and total > 0 and recent > th["still_improving_frac"] * total:
+        planned = metrics.get("epochs_planned")
+        found.append(_finding(
+            "still_improving", "lr_too_low", "medium",
+            f"{primary} was still improving at the end: best {_fmt(best_value)} at step {best_step} of {n}, and "
+            f"{recent / total:.0%} of its total gain ({_fmt(recent)} of {_fmt(total)}) came in the last {tail} steps.",
+            {"best_step": best_step, "epochs_run": n, "epochs_planned": planned, "recent_gain": recent,
+             "total_gain": total, "recent_share": recent / total},
+        ))
+
+    # saturated early: the budget after the best step bought nothing
+    if n >= th["early_min_rows"] and best_i + 1 <= th["early_frac"] * n:
+        found.append(_finding(
+            "best_step_early", "early_plateau", "low",
+            f"{primary} peaked at {_fmt(best_value)} at step {best_step} of {n} (within the first "
+            f"{th['early_frac']:.0%}) and ended at {_fmt(val_end)}: most of the training budget bought nothing.",
+            {"best_step": best_step, "epochs_run": n, "best_value": best_value, "final_value": val_end},
+        ))
+    return _sorted(found)
+
+
+def _sorted(findings: list[dict]) -> list[dict]:
+    return sorted(findings, key=lambda f: (SEVERITY_ORDER[f["severity"]], f["id"]))
+
+
+def _meets(value: float, target: float, direction: str) -> bool:
+    return value >= target if direction == "max" else value <= target
+
+
+def choose_strategy(requested: str, findings: list[dict], baseline_value: float | None, target: float | None,
+                    direction: str, available: set[str]) -> dict:
+    """The optimization strategy: `{"chosen", "requested", "reason"}` (DESIGN.md, strategy `auto`).
+
+    `auto`: the target already met, or no actionable finding (only `resources`/`unknown`) -> `none`
+    (skip to significance/finalize); one root cause -> `targeted`; several -> `sweep` when available, else
+    `targeted` with a reason saying a sweep would be preferred. `iterative` ("promising but insufficient") is
+    chosen by later rounds from a measured result, never by this first diagnosis. Any other `requested`
+    strategy is honoured as is; one not in `available` raises ValueError.
+    """
+    if requested != "auto":
+        if requested not in available:
+            raise ValueError(f"optimization strategy {requested!r} is not available here; available: {sorted(available)}")
+        return {"chosen": requested, "requested": requested, "reason": f"strategy {requested!r} requested in the config"}
+
+    def pick(chosen: str, reason: str) -> dict:
+        return {"chosen": chosen, "requested": requested, "reason": reason}
+
+    if baseline_value is not None and target is not None and _meets(baseline_value, target, direction):
+        return pick("none", f"baseline near its ceiling: its best {baseline_value:.4g} already meets the target "
+                            f"{'>=' if direction == 'max' else '<='} {target:.4g}")
+    causes = sorted({f["root_cause"] for f in findings} - NON_ACTIONABLE)
+    if not causes:
+        seen = sorted({f["root_cause"] for f in findings})
+        extra = f" (only {', '.join(seen)})" if seen else ""
+        return pick("none", f"baseline near its ceiling / nothing to fix: no actionable finding{extra}")
+    ids = ", ".join(f["id"] for f in findings if f["root_cause"] in causes)
+    if len(causes) == 1:
+        return pick("targeted", f"one clear root cause: {causes[0]} ({ids})")
+    if "sweep" in available:
+        return pick("sweep", f"several root causes: {', '.join(causes)} ({ids})")
+    return pick("targeted", f"several root causes: {', '.join(causes)} ({ids}); a sweep would be preferred but is "
+                            f"not available, so the ranked recommendations are applied together")

@@ -1,0 +1,190 @@
+"""Multi-seed significance of baseline vs optimized (methods.md "Significance", seed 004 done properly).
+
+Seed 004 checks `mean_opt - 2 std_opt > mean_baseline` against a single baseline number. Here both sides
+are run on the same seeds and compared with Welch's t-test, a bootstrap CI of the difference and Hedges' g;
+seed 004's rule is still reported, but the verdict comes from the test plus a minimum practical gain.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import stats
+
+DIRECTIONS = ("max", "min")
+MODES = ("relative", "absolute")
+VERDICTS = ("improved", "worse", "insufficient", "no_significant_change")
+
+
+def _finite_array(values: Sequence[float], side: str) -> np.ndarray:
+    arr = np.asarray(list(values), dtype=float)
+    if arr.ndim != 1:
+        raise ValueError(f"{side}: expected a flat sequence of numbers, got shape {arr.shape}")
+    bad = np.flatnonzero(~np.isfinite(arr))
+    if bad.size:
+        # A diverged or failed seed must surface, not be silently dropped from the comparison.
+        i = int(bad[0])
+        raise ValueError(f"{side} value at position {i} is {arr[i]}: a failed seed cannot be compared; "
+                         f"rerun it or fix the training")
+    return arr
+
+
+def summarise(values: Sequence[float], side: str = "values") -> dict:
+    """`{n, mean, std, min, max}` with std at ddof=1 (None for a single value, where it is undefined)."""
+    arr = _finite_array(values, side)
+    if arr.size == 0:
+        raise ValueError(f"{side}: no values to summarise")
+    return {
+        "n": int(arr.size),
+        "mean": float(arr.mean()),
+        "std": float(arr.std(ddof=1)) if arr.size > 1 else None,
+        "min": float(arr.min()),
+        "max": float(arr.max()),
+    }
+
+
+def _welch(optimized: np.ndarray, baseline: np.ndarray, alternative: str) -> tuple[float, float]:
+    """(t, p) of Welch's test; scipy warns about 'precision loss' when one side is constant although the
+    statistic is still well defined then, so that one warning is silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Precision loss occurred", category=RuntimeWarning)
+        res = stats.ttest_ind(optimized, baseline, equal_var=False, alternative=alternative)
+    return float(res.statistic), float(res.pvalue)
+
+
+def _hedges_g(gain: float, base: np.ndarray, opt: np.ndarray) -> float | None:
+    """Direction-aware Hedges' g (positive = improvement). None when both sides are constant and differ:
+    the standardised effect is infinite there, which JSON cannot carry."""
+    n1, n2 = base.size, opt.size
+    pooled_var = ((n1 - 1) * base.var(ddof=1) + (n2 - 1) * opt.var(ddof=1)) / (n1 + n2 - 2)
+    if pooled_var == 0.0:
+        return 0.0 if gain == 0.0 else None
+    # Small-sample correction J (Hedges 1981, the usual approximation).
+    correction = 1.0 - 3.0 / (4.0 * (n1 + n2) - 9.0)
+    return float(gain / math.sqrt(pooled_var) * correction)
+
+
+def _bootstrap_ci(base: np.ndarray, opt: np.ndarray, sign: float, level: float,
+                  n_boot: int, seed: int) -> tuple[float, float]:
+    def gain(o: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
+        return sign * (np.mean(o, axis=axis) - np.mean(b, axis=axis))
+
+    res = stats.bootstrap((opt, base), gain, n_resamples=n_boot, paired=False, vectorized=True,
+                          confidence_level=level, method="percentile", rng=np.random.default_rng(seed))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def compare(baseline: Sequence[float], optimized: Sequence[float], direction: str = "max",
+            alpha: float = 0.05, min_improvement: float = 0.03, mode: str = "relative",
+            n_boot: int = 10000, seed: int = 0) -> dict:
+    """Compare per-seed primary-metric values of the baseline and the optimized config.
+
+    Returns a JSON-serialisable dict (see the keys below); `verdict` is one of VERDICTS.
+    Both sides constant: p = 1.0 when the means are equal and 0.0 when they differ (there is no noise, so
+    any difference is certain), the CI collapses to the observed gain, and nothing is NaN.
+    """
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    base = _finite_array(baseline, "baseline")
+    opt = _finite_array(optimized, "optimized")
+    for side, arr in (("baseline", base), ("optimized", opt)):
+        if arr.size < 2:
+            raise ValueError(f"{side} needs at least 2 seeds for a t-test, got {arr.size}")
+
+    sign = 1.0 if direction == "max" else -1.0
+    base_sum, opt_sum = summarise(base, "baseline"), summarise(opt, "optimized")
+    diff = opt_sum["mean"] - base_sum["mean"]
+    improvement = sign * diff
+    improvement_rel = improvement / abs(base_sum["mean"]) if base_sum["mean"] != 0.0 else None
+    measured_as = mode
+    if mode == "relative" and improvement_rel is None:
+        # A relative gain over a zero baseline is undefined; the absolute gain is the only honest measure.
+        measured_as = "absolute"
+    improvement_measured = improvement_rel if measured_as == "relative" else improvement
+
+    # One-sided alternatives in the direction of improvement / of worsening.
+    better, worse = ("greater", "less") if direction == "max" else ("less", "greater")
+    constant = base_sum["std"] == 0.0 and opt_sum["std"] == 0.0
+    if constant:
+        t_stat = 0.0 if diff == 0.0 else None
+        p_two = 1.0 if diff == 0.0 else 0.0
+        p_better = 1.0 if improvement <= 0.0 else 0.0
+        p_worse = 1.0 if improvement >= 0.0 else 0.0
+        ci_low = ci_high = improvement
+    else:
+        t_stat, p_two = _welch(opt, base, "two-sided")
+        p_better = _welch(opt, base, better)[1]
+        p_worse = _welch(opt, base, worse)[1]
+        ci_low, ci_high = _bootstrap_ci(base, opt, sign, 1.0 - alpha, n_boot, seed)
+
+    # The gate uses the ONE-SIDED p: the claim being tested is directional ("the optimized config is better"),
+    # so a two-sided test would spend half of alpha on the uninteresting direction.
+    significant_better = p_better < alpha
+    if significant_better and improvement_measured >= min_improvement:
+        verdict = "improved"
+    elif p_worse < alpha:
+        verdict = "worse"
+    elif significant_better:
+        verdict = "insufficient"
+    else:
+        verdict = "no_significant_change"
+
+    # Seed 004's rule, direction-aware: the optimized mean minus (plus, for min) two of its stds must still
+    # beat the baseline mean.
+    if direction == "max":
+        seed004_rule = opt_sum["mean"] - 2.0 * opt_sum["std"] > base_sum["mean"]
+    else:
+        seed004_rule = opt_sum["mean"] + 2.0 * opt_sum["std"] < base_sum["mean"]
+
+    result = {
+        "direction": direction,
+        "alpha": alpha,
+        "min_improvement": min_improvement,
+        "mode": mode,
+        "baseline": {**base_sum, "values": [float(v) for v in base]},
+        "optimized": {**opt_sum, "values": [float(v) for v in opt]},
+        "diff": float(diff),
+        "improvement": float(improvement),
+        "improvement_rel": None if improvement_rel is None else float(improvement_rel),
+        "improvement_measured": float(improvement_measured),
+        "improvement_measured_as": measured_as,
+        "t_statistic": t_stat,
+        "p_two_sided": p_two,
+        "p_one_sided": p_better,
+        "p_one_sided_worse": p_worse,
+        "ci": {"level": 1.0 - alpha, "low": ci_low, "high": ci_high, "method": "percentile bootstrap",
+               "n_boot": n_boot, "seed": seed, "of": "improvement (direction-aware mean difference)"},
+        "ci_excludes_zero": bool(ci_low > 0.0 or ci_high < 0.0),
+        "hedges_g": _hedges_g(improvement, base, opt),
+        "seed004_rule": bool(seed004_rule),
+        "verdict": verdict,
+    }
+    result["reason"] = _reason(result)
+    return result
+
+
+def _reason(r: dict) -> str:
+    b, o = r["baseline"], r["optimized"]
+    rel = f" ({r['improvement_rel']:+.2%} relative)" if r["improvement_rel"] is not None else ""
+    measured = (f"{r['improvement_measured']:+.2%}" if r["improvement_measured_as"] == "relative"
+                else f"{r['improvement_measured']:+.4g}")
+    threshold = (f"{r['min_improvement']:.2%}" if r["improvement_measured_as"] == "relative"
+                 else f"{r['min_improvement']:.4g}")
+    constant = "both sides constant, " if b["std"] == 0.0 and o["std"] == 0.0 else ""
+    head = (f"{constant}optimized {o['mean']:.4g} ± {o['std']:.2g} (n={o['n']}) vs baseline {b['mean']:.4g} ± "
+            f"{b['std']:.2g} (n={b['n']}), {r['direction']} is better: improvement {r['improvement']:+.4g}{rel}, "
+            f"one-sided Welch p = {r['p_one_sided']:.3g}, {r['ci']['level']:.0%} CI "
+            f"[{r['ci']['low']:.4g}, {r['ci']['high']:.4g}]")
+    tail = {
+        "improved": f"significant at alpha {r['alpha']} and {measured} >= the minimum {threshold}",
+        "insufficient": f"significant at alpha {r['alpha']} but {measured} is below the minimum {threshold}",
+        "worse": f"significantly worse (one-sided p = {r['p_one_sided_worse']:.3g} < alpha {r['alpha']})",
+        "no_significant_change": f"not significant at alpha {r['alpha']} in either direction",
+    }[r["verdict"]]
+    return f"{head}; {r['verdict']}: {tail}."

@@ -1,0 +1,572 @@
+"""Markdown reports rendered from the files the workflow wrote.
+
+Templates (reports/templates/*.md.j2) hold the words; every number comes from a JSON, CSV or
+YAML file passed in here, formatted by the `fmt` / `pct` filters. Outputs are replaced
+atomically, and each writer returns the paths it wrote.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import math
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import yaml
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
+
+import tunewise
+from tunewise.runs import atomic_write_text, read_json
+
+TEMPLATES_ENV = "TUNEWISE_TEMPLATES"
+RATIONALE_WIDTH = 100  # a config comment stays on one readable line
+REPORT_NAMES = ("diagnostic_report.md", "optimization_results.md", "significance.md", "final_report.md")
+
+
+# --- formatting -----------------------------------------------------------------------------
+
+
+def _number(value: Any) -> float | None:
+    """A float for numbers and the "inf"/"-inf" strings runs.write_json leaves; None otherwise."""
+    if value is None or isinstance(value, bool):
+        return None
+    if hasattr(value, "item"):  # numpy scalars
+        value = value.item()
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def fmt(value: Any, signed: bool = False) -> str:
+    """4 significant digits; `n/a` for None/NaN; ints in full; words pass through."""
+    if hasattr(value, "item") and not isinstance(value, (list, tuple, dict)):
+        value = value.item()
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(fmt(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {fmt(v)}" for k, v in value.items())
+    if isinstance(value, str):
+        number = _number(value)
+        if number is None:
+            return value
+        value = number
+    sign = "+" if signed else ""
+    if isinstance(value, int):
+        return f"{value:{sign}d}"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "n/a"
+        return f"{value:{sign}.4g}"
+    return str(value)
+
+
+def pct(value: Any, signed: bool = False) -> str:
+    """A fraction as a percentage (0.034 -> 3.4%), 4 significant digits."""
+    number = _number(value)
+    if number is None or math.isnan(number):
+        return "n/a"
+    return fmt(number * 100, signed=signed) + "%"
+
+
+def cell(value: Any) -> str:
+    """Text safe inside a markdown table cell."""
+    text = value if isinstance(value, str) else fmt(value)
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+def templates_dir() -> Path:
+    override = os.environ.get(TEMPLATES_ENV)
+    if override:
+        return Path(override)
+    return Path(tunewise.__file__).resolve().parents[2] / "reports" / "templates"
+
+
+def environment(templates: Path | None = None) -> Environment:
+    env = Environment(
+        loader=FileSystemLoader(str(templates or templates_dir())),
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    env.filters.update(fmt=fmt, pct=pct, cell=cell)
+    return env
+
+
+def render(template: str, **context: Any) -> str:
+    return environment().get_template(template).render(**context)
+
+
+def _link(target: Path, document: Path) -> str:
+    """Relative path from a markdown document to a file, as a link target."""
+    return Path(os.path.relpath(Path(target).resolve(), Path(document).resolve().parent)).as_posix()
+
+
+# --- commented optimization config ----------------------------------------------------------
+
+
+def _inline(value: Any) -> str:
+    """A value as one line of YAML flow notation (what a reader would type back into the config)."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+    if text.endswith("\n..."):  # PyYAML's end-of-document marker after a bare scalar
+        text = text[: -len("\n...")]
+    return " ".join(text.split())
+
+
+def _one_line(text: Any, width: int = RATIONALE_WIDTH) -> str:
+    text = " ".join(str(text or "").split())
+    return text if len(text) <= width else text[: width - 3].rstrip() + "..."
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """Dotted key path -> 0-based line where a comment for that key belongs.
+
+    Found from the YAML node tree, so `optim.lr` and `schedule.lr` are told apart by their
+    nesting, not by the bare key name. A scalar (or one-line flow collection) takes the comment
+    on the line where its value ends; a block collection on its key's line.
+    """
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    found: dict[str, int] = {}
+
+    def walk(node: yaml.Node, prefix: str) -> None:
+        if not isinstance(node, yaml.MappingNode):
+            return
+        for key_node, value_node in node.value:
+            path = f"{prefix}{key_node.value}"
+            block = isinstance(value_node, (yaml.MappingNode, yaml.SequenceNode)) and not value_node.flow_style
+            if block:
+                found[path] = key_node.start_mark.line
+            else:
+                end = value_node.end_mark
+                found[path] = end.line - 1 if end.column == 0 and end.line > key_node.start_mark.line else end.line
+            walk(value_node, path + ".")
+
+    if root is not None:
+        walk(root, "")
+    return found
+
+
+def commented_config(config: dict, changes: list[dict]) -> str:
+    """YAML of `config` where every changed key says what it was and why.
+
+    `yaml.safe_load` of the result gives back `config` exactly: the notes are comments only.
+    """
+    body = yaml.safe_dump(config, sort_keys=False, default_flow_style=False)
+    lines = body.splitlines()
+    where = _key_lines(body)
+    header = ["# optimization_config.yaml: the baseline config with the Phase 3 recommendations applied"]
+    if changes:
+        header.append(f"# Changes from the baseline config ({len(changes)}):")
+    else:
+        header.append("# No changes from the baseline config.")
+    for change in changes:
+        key = change.get("key") or change.get("knob") or "?"
+        why = _one_line(change.get("rationale"))
+        how = ", ".join(f"{k} {change[k]}" for k in ("knob", "action") if change.get(k))
+        header.append(
+            f"#   {key}: {_inline(change.get('old'))} -> {_inline(change.get('new'))}"
+            + (f" ({how})" if how else "") + (f": {why}" if why else "")
+        )
+        line = where.get(key)
+        if line is not None:
+            lines[line] += f"  # CHANGED from {_inline(change.get('old'))}" + (f": {why}" if why else "")
+    return "\n".join(header + lines) + "\n"
+
+
+# --- reading the workflow's files -----------------------------------------------------------
+
+
+def _maybe_json(path: Path | None) -> dict | None:
+    return read_json(path) if path is not None and Path(path).exists() else None
+
+
+def _history(run_dir: Path | None):
+    import pandas as pd
+
+    path = Path(run_dir) / "history.csv" if run_dir is not None else None
+    if path is None or not path.exists():
+        return pd.DataFrame()
+    try:
+        return pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame()
+
+
+def _run_summary(metrics: dict | None, fallback: dict | None = None) -> dict:
+    """The baseline/optimized numbers a report prints, from metrics.json (diagnosis.json's copy as fallback)."""
+    metrics = metrics or {}
+    fallback = fallback or {}
+    primary = metrics.get("primary") or {}
+
+    def pick(key: str, source: dict) -> Any:
+        return source[key] if key in source else fallback.get(key)
+
+    return {
+        "status": pick("status", metrics),
+        "best": pick("best", primary),
+        "final": pick("final", primary),
+        "best_step": pick("best_step", metrics),
+        "epochs_run": pick("epochs_run", metrics),
+        "epochs_planned": metrics.get("epochs_planned"),
+        "stopped_early": metrics.get("stopped_early"),
+        "wall_seconds": metrics.get("wall_seconds"),
+        "samples_per_s": metrics.get("samples_per_s"),
+        "device": metrics.get("device"),
+        "reason": metrics.get("reason"),
+    }
+
+
+def _train_val_gap(metrics: dict, metric: str, direction: str) -> float | None:
+    """How much better the training split looks than validation at the best step (positive = overfit)."""
+    best = metrics.get("best") or {}
+    name = metric.split("/", 1)[-1]
+    train, val = _number(best.get(f"train/{name}")), _number(best.get(f"val/{name}"))
+    if train is None or val is None:
+        return None
+    return train - val if direction == "max" else val - train
+
+
+def _per_epoch(metrics: dict) -> float | None:
+    wall, epochs = _number(metrics.get("wall_seconds")), _number(metrics.get("epochs_run"))
+    return wall / epochs if wall is not None and epochs else None
+
+
+def _measures(metrics: dict | None, metric: str, direction: str) -> list[tuple[str, Any]]:
+    if not metrics:
+        return []
+    primary = metrics.get("primary") or {}
+    return [
+        (f"{metric} best", primary.get("best")),
+        (f"{metric} final", primary.get("final")),
+        (f"train-val gap of {metric.split('/', 1)[-1]} at best step", _train_val_gap(metrics, metric, direction)),
+        ("epochs to best", metrics.get("best_step")),
+        ("epochs run", metrics.get("epochs_run")),
+        ("epochs planned", metrics.get("epochs_planned")),
+        ("stopped early", metrics.get("stopped_early")),
+        ("time per epoch (s)", _per_epoch(metrics)),
+        ("samples/s", metrics.get("samples_per_s")),
+        ("wall time (s)", metrics.get("wall_seconds")),
+    ]
+
+
+def _comparison(base: dict | None, opt: dict | None, metric: str, direction: str) -> list[dict]:
+    rows = []
+    opt_values = dict(_measures(opt, metric, direction))
+    for label, value in _measures(base, metric, direction):
+        other = opt_values.get(label)
+        a, b = _number(value), _number(other)
+        change = b - a if a is not None and b is not None and not isinstance(value, bool) else None
+        rows.append({"label": label, "baseline": value, "optimized": other, "change": change})
+    return rows
+
+
+def _changes(diag: dict) -> list[dict]:
+    keys = ("knob", "key", "old", "new", "action", "rationale", "expected_impact", "risk", "effort")
+    return [{k: c.get(k) for k in keys} for c in diag.get("changes") or []]
+
+
+# --- diagnostic report ----------------------------------------------------------------------
+
+
+def _config_preview(baseline_run_dir: Path, diagnosis_path: Path, diag: dict) -> tuple[str, str | None]:
+    """(unified diff baseline -> optimization config, the optimization config text)."""
+    base_path = Path(baseline_run_dir) / "config.yaml"
+    base_text = base_path.read_text(encoding="utf-8") if base_path.exists() else ""
+    opt_path = Path(diagnosis_path).parent / "optimization_config.yaml"
+    if opt_path.exists():
+        opt_text = opt_path.read_text(encoding="utf-8")
+    elif diag.get("patch") and base_text:
+        # no preview file: show the diagnosis' own patch applied to the baseline config
+        from tunewise.config import set_dotted
+
+        config = copy.deepcopy(yaml.safe_load(base_text) or {})
+        for key, value in diag["patch"].items():
+            set_dotted(config, key, value)
+        opt_text = commented_config(config, diag.get("changes") or [])
+    else:
+        return "", None
+    diff = difflib.unified_diff(
+        base_text.splitlines(keepends=True), opt_text.splitlines(keepends=True),
+        fromfile="baseline/config.yaml", tofile="optimization_config.yaml",
+    )
+    return "".join(line if line.endswith("\n") else line + "\n" for line in diff), opt_text
+
+
+def write_diagnostic_report(diagnosis_path: Path, baseline_run_dir: Path, reports_dir: Path) -> list[Path]:
+    from tunewise.reports.plots import plot_curves
+
+    diagnosis_path, baseline_run_dir, reports_dir = Path(diagnosis_path), Path(baseline_run_dir), Path(reports_dir)
+    diag = read_json(diagnosis_path)
+    metrics = _maybe_json(baseline_run_dir / "metrics.json")
+    metric = diag["metric"]
+    summary = _run_summary(metrics, diag.get("baseline"))
+    report = reports_dir / "diagnostic_report.md"
+    written: list[Path] = []
+
+    plot = plot_curves(_history(baseline_run_dir), metric["name"], summary["best_step"],
+                       reports_dir / "plots" / "baseline_curves.png", title=f"{diag['experiment']}: baseline")
+    written.append(plot)
+    diff, opt_text = _config_preview(baseline_run_dir, diagnosis_path, diag)
+    config_link = None
+    if opt_text is not None:
+        copied = reports_dir / "optimization_config.yaml"
+        atomic_write_text(copied, opt_text)
+        written.append(copied)
+        config_link = _link(copied, report)
+
+    findings = [
+        {
+            "id": f.get("id"), "root_cause": f.get("root_cause"), "severity": f.get("severity"),
+            "summary": f.get("summary") or "",
+            "evidence": list((f.get("evidence") or {}).items()),
+        }
+        for f in diag.get("findings") or []
+    ]
+    keys = ("knob", "action", "value", "expected_impact", "risk", "effort", "rationale", "root_cause", "finding_id")
+    recommendations = [{"rank": i, **{k: r.get(k) for k in keys}} for i, r in enumerate(diag.get("recommendations") or [], 1)]
+    strategy = diag.get("strategy") or {}
+    text = render(
+        "diagnostic_report.md.j2",
+        experiment=diag["experiment"], trainer=diag.get("trainer"), metric=metric,
+        run_dir=str(baseline_run_dir), summary=summary, findings=findings, recommendations=recommendations,
+        changes=_changes(diag), patch=list((diag.get("patch") or {}).items()),
+        strategy={k: strategy.get(k) for k in ("requested", "chosen", "reason")},
+        diff=diff, config_link=config_link, plot=_link(plot, report),
+    )
+    atomic_write_text(report, text)
+    return [report, *written]
+
+
+# --- optimization results and significance --------------------------------------------------
+
+
+def _seed_labels(sig: dict, side: dict) -> list[str]:
+    values = side.get("values") or []
+    seeds = sig.get("seeds")
+    if isinstance(seeds, int):
+        seeds = list(range(seeds))
+    if isinstance(seeds, list) and len(seeds) == len(values):
+        return [str(s) for s in seeds]
+    runs = side.get("runs") or []
+    if len(runs) == len(values):
+        return [Path(r).name for r in runs]
+    return [str(i) for i in range(1, len(values) + 1)]
+
+
+def _side(sig: dict, name: str) -> dict | None:
+    side = sig.get(name)
+    if not isinstance(side, dict):
+        return None
+    return {
+        "name": name, "n": side.get("n"), "mean": side.get("mean"), "std": side.get("std"),
+        "values": list(side.get("values") or []), "labels": _seed_labels(sig, side),
+        "runs": list(side.get("runs") or []),
+    }
+
+
+def _seed_rule(sig: dict, base: dict | None, opt: dict | None, direction: str) -> dict:
+    """Seed 004's rule as the file states it, with the two numbers it compares."""
+    rule = sig.get("seed004_rule")
+    bound = None
+    mean, std = (_number(opt["mean"]), _number(opt["std"])) if opt else (None, None)
+    if mean is not None and std is not None:
+        bound = mean - 2 * std if direction == "max" else mean + 2 * std
+    holds = rule if isinstance(rule, bool) else (rule.get("holds", rule.get("passed")) if isinstance(rule, dict) else None)
+    details = [(k, v) for k, v in rule.items() if k not in ("holds", "passed")] if isinstance(rule, dict) else []
+    return {
+        "holds": holds, "details": details, "bound": bound, "baseline_mean": base["mean"] if base else None,
+        "inequality": "mean_opt - 2 std_opt > mean_baseline" if direction == "max" else "mean_opt + 2 std_opt < mean_baseline",
+        "raw": None if isinstance(rule, (bool, dict)) else rule,
+    }
+
+
+def _significance_context(sig: dict, direction: str) -> dict:
+    base, opt = _side(sig, "baseline"), _side(sig, "optimized")
+    seed_rows = []
+    if base:
+        for i, label in enumerate(base["labels"]):
+            seed_rows.append({
+                "seed": label, "baseline": base["values"][i],
+                "optimized": opt["values"][i] if opt and i < len(opt["values"]) else None,
+            })
+    numbers = ("diff", "improvement", "improvement_rel", "improvement_measured", "alpha", "min_improvement",
+               "p_two_sided", "p_one_sided", "verdict", "reason")
+    # phases/significance.py nests the interval under `ci` and names the effect size `hedges_g`;
+    # the flat names of the shared contract are read first
+    ci = sig.get("ci") if isinstance(sig.get("ci"), dict) else {}
+    mode = sig.get("mode", sig.get("improvement_measured_as"))
+    return {
+        "skipped": bool(sig.get("skipped")), "baseline": base, "optimized": opt, "seed_rows": seed_rows,
+        "mode": mode, "relative": mode == "relative", "rule": _seed_rule(sig, base, opt, direction),
+        "ci_low": sig.get("ci_low", ci.get("low")), "ci_high": sig.get("ci_high", ci.get("high")),
+        "ci_level": sig.get("ci_level", ci.get("level")), "ci_of": ci.get("of") or "the difference",
+        "ci_method": ci.get("method") or "bootstrap",
+        "effect_size_g": sig.get("effect_size_g", sig.get("hedges_g")),
+        **{k: sig.get(k) for k in numbers},
+    }
+
+
+def write_optimization_results(significance_path: Path, decision_path: Path, diagnosis_path: Path,
+                               baseline_run_dir: Path, optimized_run_dir: Path | None,
+                               reports_dir: Path) -> list[Path]:
+    from tunewise.reports.plots import plot_comparison, plot_seed_scores
+
+    reports_dir = Path(reports_dir)
+    sig, decision, diag = read_json(significance_path), read_json(decision_path), read_json(diagnosis_path)
+    metric = sig.get("metric") or diag["metric"]
+    direction = metric.get("direction", "max")
+    base_metrics = _maybe_json(Path(baseline_run_dir) / "metrics.json")
+    opt_metrics = _maybe_json(Path(optimized_run_dir) / "metrics.json") if optimized_run_dir else None
+    significance = _significance_context(sig, direction)
+    report, sig_report = reports_dir / "optimization_results.md", reports_dir / "significance.md"
+
+    histories = {"baseline": _history(Path(baseline_run_dir))}
+    best_steps = {"baseline": (base_metrics or {}).get("best_step")}
+    if optimized_run_dir is not None:
+        histories["optimized"] = _history(Path(optimized_run_dir))
+        best_steps["optimized"] = (opt_metrics or {}).get("best_step")
+    curves = plot_comparison(histories, metric["name"], reports_dir / "plots" / "curves_comparison.png",
+                             best_steps=best_steps, title=f"{diag['experiment']}: baseline vs optimized run")
+    sides = {s["name"]: s["values"] for s in (significance["baseline"], significance["optimized"]) if s}
+    seeds = plot_seed_scores(sides, metric["name"], reports_dir / "plots" / "seed_scores.png",
+                             title=f"{diag['experiment']}: per-seed {metric['name']}")
+
+    strategy = diag.get("strategy") or {}
+    common = {"experiment": diag["experiment"], "trainer": diag.get("trainer"), "metric": metric,
+              "sig": significance, "seeds_plot": _link(seeds, report)}
+    opt_config = reports_dir / "optimization_config.yaml"
+    text = render(
+        "optimization_results.md.j2", **common,
+        strategy={k: strategy.get(k) for k in ("requested", "chosen", "reason")},
+        skipped=significance["skipped"], skip_reason=sig.get("reason") if significance["skipped"] else None,
+        baseline_run=str(baseline_run_dir), optimized_run=str(optimized_run_dir) if optimized_run_dir else None,
+        optimized_status=_run_summary(opt_metrics)["status"] if opt_metrics else None,
+        comparison=_comparison(base_metrics, opt_metrics, metric["name"], direction),
+        has_optimized_metrics=opt_metrics is not None,
+        changes=_changes(diag),
+        config_link=_link(opt_config, report) if opt_config.exists() else None,
+        decision={k: decision.get(k) for k in ("option", "label", "next", "chosen_side", "target", "target_met", "rationale")},
+        curves_plot=_link(curves, report),
+        significance_link=_link(sig_report, report),
+    )
+    atomic_write_text(report, text)
+    atomic_write_text(sig_report, render("significance.md.j2", **common))
+    return [report, sig_report, curves, seeds]
+
+
+# --- checklists, final report, index --------------------------------------------------------
+
+
+def write_checklist(name: str, title: str, checks: list[dict], reports_dir: Path) -> Path:
+    items = [
+        {"label": c["label"], "ok": c.get("ok"), "required": bool(c.get("required")), "evidence": " ".join(str(c.get("evidence") or "").split())}
+        for c in checks
+    ]
+    missing = [c["label"] for c in items if c["required"] and c["ok"] is False]
+    path = Path(reports_dir) / "checklists" / f"{name}.md"
+    atomic_write_text(path, render("checklist.md.j2", name=name, title=title, checks=items, missing=missing))
+    return path
+
+
+def write_final_report(final_path: Path, decision_path: Path, reports_dir: Path) -> list[Path]:
+    final, decision = read_json(final_path), read_json(decision_path)
+    report = Path(reports_dir) / "final_report.md"
+    checkpoints = [
+        {"name": name, "path": path, "link": _link(Path(path), report)}
+        for name, path in (final.get("checkpoints") or {}).items()
+    ]
+    text = render(
+        "final_report.md.j2",
+        chosen_side=final.get("chosen_side"), config_path=final.get("config_path"), run_dir=final.get("run_dir"),
+        val={"best": (final.get("val") or {}).get("best"), "best_step": (final.get("val") or {}).get("best_step")},
+        test=list((final.get("test") or {}).items()), checkpoints=checkpoints,
+        decision={k: decision.get(k) for k in ("option", "label", "next", "chosen_side", "target", "target_met", "rationale")},
+    )
+    atomic_write_text(report, text)
+    return [report]
+
+
+def _experiment_dirs(results_dir: Path) -> Iterable[Path]:
+    if not results_dir.is_dir():
+        return []
+    return sorted(
+        d for d in results_dir.iterdir()
+        if d.is_dir() and ((d / "experiment.yaml").exists() or (d / "diagnosis" / "diagnosis.json").exists())
+    )
+
+
+def _index_row(exp_dir: Path, reports_dir: Path, index: Path) -> dict:
+    diag = read_json(exp_dir / "diagnosis" / "diagnosis.json")
+    sig = _maybe_json(exp_dir / "significance" / "significance.json")
+    decision = _maybe_json(exp_dir / "significance" / "decision.json")
+    final = _maybe_json(exp_dir / "final" / "final.json")
+    metric = diag["metric"]
+    row: dict[str, Any] = {
+        "experiment": exp_dir.name, "trainer": diag.get("trainer"), "metric": metric["name"],
+        "direction": metric.get("direction"), "baseline_mean": None, "baseline_std": None,
+        "optimized_mean": None, "optimized_std": None, "verdict": None, "optimization_skipped": False,
+        "decision": None, "test_metric": metric["name"].replace("val/", "test/", 1), "test_value": None,
+    }
+    if sig:
+        row["baseline_mean"], row["baseline_std"] = sig["baseline"].get("mean"), sig["baseline"].get("std")
+        if sig.get("skipped"):
+            row["optimization_skipped"] = True
+        elif isinstance(sig.get("optimized"), dict):
+            row["optimized_mean"], row["optimized_std"] = sig["optimized"].get("mean"), sig["optimized"].get("std")
+        row["verdict"] = sig.get("verdict")
+    else:
+        # no multi-seed numbers yet: the single baseline run is all there is
+        candidates = [exp_dir / "baseline" / "metrics.json"]
+        if (diag.get("baseline") or {}).get("run_dir"):
+            candidates.append(Path(diag["baseline"]["run_dir"]) / "metrics.json")
+        metrics = next((read_json(p) for p in candidates if p.exists()), None)
+        row["baseline_mean"] = (metrics or {}).get("primary", {}).get("best", (diag.get("baseline") or {}).get("best"))
+    if decision:
+        row["decision"] = {"option": decision.get("option"), "label": decision.get("label")}
+    row["finalized"] = final is not None
+    if final:
+        row["test_value"] = (final.get("test") or {}).get(row["test_metric"])
+    row["links"] = [
+        {"name": name.removesuffix(".md").replace("_", " "), "href": _link(reports_dir / exp_dir.name / name, index)}
+        for name in REPORT_NAMES if (reports_dir / exp_dir.name / name).exists()
+    ]
+    checklists = reports_dir / exp_dir.name / "checklists"
+    if checklists.is_dir():
+        row["links"] += [{"name": f"checklist {p.stem}", "href": _link(p, index)} for p in sorted(checklists.glob("*.md"))]
+    return row
+
+
+def write_index(results_dir: Path, reports_dir: Path) -> Path:
+    from tunewise.reports.plots import plot_overview
+
+    results_dir, reports_dir = Path(results_dir), Path(reports_dir)
+    index = reports_dir / "index.md"
+    rows, not_run = [], []
+    for exp_dir in _experiment_dirs(results_dir):
+        if (exp_dir / "diagnosis" / "diagnosis.json").exists():
+            rows.append(_index_row(exp_dir, reports_dir, index))
+        else:
+            not_run.append(exp_dir.name)
+    plot = None
+    plotted = [r for r in rows if _number(r["baseline_mean"]) is not None]
+    if plotted:
+        plot = plot_overview(
+            [{k: (_number(r[k]) if k.endswith(("_mean", "_std")) else r[k])
+              for k in ("experiment", "metric", "baseline_mean", "baseline_std", "optimized_mean", "optimized_std")}
+             for r in plotted],
+            reports_dir / "plots" / "index_overview.png",
+        )
+    text = render("index.md.j2", rows=rows, not_run=not_run, plot=_link(plot, index) if plot else None)
+    atomic_write_text(index, text)
+    return index
