@@ -310,7 +310,9 @@ def cmd_significance(args) -> None:
 
     tracker = _tracker(exp)
     parent = tracker.parent_run("significance", _base_tags(exp, "significance", None), _exp_dir(args) / "tracking.json")
-    numbers = {k: sig[k] for k in ("diff", "improvement", "improvement_rel", "p_one_sided", "p_two_sided", "ci_low", "ci_high", "effect_size_g") if k in sig}
+    numbers = {k: sig[k] for k in ("diff", "improvement", "improvement_rel", "p_one_sided", "p_two_sided", "hedges_g") if k in sig}
+    if "ci" in sig:
+        numbers |= {"ci_low": sig["ci"]["low"], "ci_high": sig["ci"]["high"]}
     numbers |= {"baseline_mean": sig["baseline"]["mean"], "baseline_std": sig["baseline"]["std"]}
     if "optimized" in sig:
         numbers |= {"optimized_mean": sig["optimized"]["mean"], "optimized_std": sig["optimized"]["std"]}

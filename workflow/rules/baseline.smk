@@ -6,6 +6,8 @@ rule train_baseline:
         "results/{exp}/baseline/metrics.json",
     params:
         run_dir=lambda wc, output: os.path.dirname(output[0]),
+    conda:
+        CONDA_ENV
     log:
         "results/{exp}/logs/train_baseline.log",
     threads: threads_for

@@ -17,6 +17,10 @@ config.update(_validated)
 
 EXPERIMENTS = list(config["experiments"])
 
+# The software each rule runs with, for `--software-deployment-method conda`; by default the rules run in
+# the environment `make install` made, where the `tunewise` CLI is on PATH.
+CONDA_ENV = os.path.join(workflow.basedir, "environment.yml")
+
 
 wildcard_constraints:
     exp="|".join(EXPERIMENTS) if EXPERIMENTS else "[^/]+",

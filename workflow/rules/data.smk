@@ -3,6 +3,8 @@ rule resolve_experiment:
         "results/{exp}/experiment.yaml",
     params:
         cfg=experiment_json,
+    conda:
+        CONDA_ENV
     log:
         "results/{exp}/logs/resolve_experiment.log",
     localrule: True
@@ -15,6 +17,8 @@ rule prepare_data:
         exp="results/{exp}/experiment.yaml",
     output:
         "results/{exp}/data/ready.json",
+    conda:
+        CONDA_ENV
     log:
         "results/{exp}/logs/prepare_data.log",
     threads: threads_for

@@ -15,6 +15,8 @@ checkpoint diagnose:
         run_dir=lambda wc, input: os.path.dirname(input.baseline),
         out_dir=lambda wc, output: os.path.dirname(output.diagnosis),
         reports="reports/{exp}",
+    conda:
+        CONDA_ENV
     log:
         "results/{exp}/logs/diagnose.log",
     resources:
@@ -36,6 +38,8 @@ rule gate:
         "results/{exp}/gates/{gate}.json",
     params:
         reports="reports/{exp}",
+    conda:
+        CONDA_ENV
     log:
         "results/{exp}/logs/gate_{gate}.log",
     localrule: True

@@ -15,6 +15,8 @@ rule finalize:
         baseline_config=lambda wc, input: os.path.join(os.path.dirname(input.baseline), "config.yaml"),
         out_dir=lambda wc, output: os.path.dirname(output.final),
         reports="reports/{exp}",
+    conda:
+        CONDA_ENV
     log:
         "results/{exp}/logs/finalize.log",
     threads: threads_for

@@ -8,6 +8,8 @@ rule optimize_targeted:
         "results/{exp}/optimize/targeted/metrics.json",
     params:
         run_dir=lambda wc, output: os.path.dirname(output[0]),
+    conda:
+        CONDA_ENV
     log:
         "results/{exp}/logs/optimize_targeted.log",
     threads: threads_for

@@ -3,6 +3,8 @@ rule report_index:
         expand("results/{exp}/final/final.json", exp=EXPERIMENTS),
     output:
         report("reports/index.md", caption="../report/index.rst", category="Overview"),
+    conda:
+        CONDA_ENV
     log:
         "results/logs/report_index.log",
     localrule: True

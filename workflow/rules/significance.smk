@@ -10,6 +10,8 @@ rule seed_run:
         "results/{exp}/seeds/{side}/seed{seed}/metrics.json",
     params:
         run_dir=lambda wc, output: os.path.dirname(output[0]),
+    conda:
+        CONDA_ENV
     log:
         "results/{exp}/logs/seed_run_{side}_{seed}.log",
     threads: threads_for
@@ -45,6 +47,8 @@ rule significance:
         optimized=lambda wc, input: run_dirs(getattr(input, "optimized", [])),
         out_dir=lambda wc, output: os.path.dirname(output.significance),
         reports="reports/{exp}",
+    conda:
+        CONDA_ENV
     log:
         "results/{exp}/logs/significance.log",
     resources:
