@@ -11,6 +11,10 @@ import yaml
 from tunewise.runs import RunDir, read_json
 
 
+def _num(value) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
+
+
 def _check(label: str, ok: bool | None, evidence: str, required: bool = True) -> dict:
     return {"label": label, "ok": ok, "required": required, "evidence": evidence}
 
@@ -113,7 +117,8 @@ def optimization_checks(exp_dir: Path, reports_dir: Path, optimize_run: Path | N
     checks.append(_check(
         "Performance improvement verified (>= min_improvement and significant, or target met)",
         verified if claims_improvement else None,
-        (f"verdict {sig.get('verdict')}, one-sided p {sig.get('p_one_sided')}, improvement {sig.get('improvement_measured')}"
+        (f"verdict {sig.get('verdict')}, one-sided p {_num(sig.get('p_one_sided'))}, "
+         f"improvement {_num(sig.get('improvement_measured'))} ({sig.get('improvement_measured_as', 'n/a')})"
          if claims_improvement else "no improvement claimed: the decision keeps the baseline config"),
         required=claims_improvement,
     ))

@@ -85,6 +85,9 @@ def plot_curves(history: pd.DataFrame, metric: str, best_step: int | None, path:
         ax_lr = ax_loss.twinx()
         handles += ax_lr.plot(*lr, ":", color="tab:gray", label="lr")
         ax_lr.set_ylabel("learning rate", color="tab:gray")
+        # a constant rate would otherwise get a zoomed axis full of offset ticks
+        ax_lr.set_ylim(0, max(lr[1]) * 1.1 if max(lr[1]) > 0 else 1)
+        ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
     if handles:  # one legend for both axes, so the two never overlap
         ax_loss.legend(handles, [h.get_label() for h in handles], loc="best")
 
