@@ -5,7 +5,8 @@ their ratio as a row of a markdown table.
     make bench ARGS="--only loop"      # one entry by name
     python bench/run.py --list
 
-An entry is a function returning rows `{"entry", "what", "a", "b", "ratio", "goal", "ok"}`;
+An entry is a function returning rows `{"entry", "what", "a", "b", "ratio", "goal", "ok"}`
+(`a`/`b` are printed as given, a `ratio` of None as "-" where b is 0 or not a number);
 later issues add entries to ENTRIES.
 """
 from __future__ import annotations
@@ -167,7 +168,26 @@ def bench_job(repeats: int = 5) -> list[dict]:
     ]
 
 
-ENTRIES = {"loop": bench_loop, "job": bench_job}
+def bench_sweep() -> list[dict]:
+    from sweep_bench import bench_sweep as run
+
+    return run()
+
+
+def bench_parallel() -> list[dict]:
+    from sweep_bench import bench_parallel as run
+
+    return run()
+
+
+def bench_trust() -> list[dict]:
+    from trust import bench_trust as run
+
+    return run()
+
+
+ENTRIES = {"loop": bench_loop, "job": bench_job, "sweep": bench_sweep, "parallel": bench_parallel,
+           "trust": bench_trust}
 
 
 def main() -> int:
@@ -186,7 +206,8 @@ def main() -> int:
     print("| entry | what | a | b | ratio a/b | goal | ok |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['entry']} | {r['what']} | {r['a']} | {r['b']} | {r['ratio']:.3f} | {r['goal']} | {r['ok']} |")
+        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.3f}"  # None: no meaningful ratio (b is 0)
+        print(f"| {r['entry']} | {r['what']} | {r['a']} | {r['b']} | {ratio} | {r['goal']} | {r['ok']} |")
     return 0 if all(r["ok"] != "NO" for r in rows) else 1
 
 

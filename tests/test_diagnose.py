@@ -348,6 +348,26 @@ def test_noisy_validation_metric():
     assert noisy["evidence"]["jitter_to_range"] == pytest.approx(jitter / (val.max() - val.min()))
 
 
+def test_noisy_validation_with_a_jumping_training_metric_is_lr_too_high():
+    # both evaluations move between epochs: the weights jump, not the validation estimate
+    h = healthy()
+    swing = (-1.0) ** np.arange(N // 2)
+    val, train = h[PRIMARY_MAX].to_numpy().copy(), h["train/r2_mean"].to_numpy().copy()
+    val[N // 2:] += 0.08 * swing
+    train[N // 2:] += 0.03 * swing
+    h[PRIMARY_MAX], h["train/r2_mean"] = val, train
+    findings = diagnose(h, METRICS, PRIMARY_MAX, "max")
+    assert "noisy_validation" not in [f["id"] for f in findings]
+    unstable = one(findings, "unstable_training")
+    assert (unstable["root_cause"], unstable["severity"]) == ("lr_too_high", "medium")
+    t_jitter = np.std(np.diff(train[N // 2:]))
+    assert unstable["evidence"]["train_jitter_to_range"] == pytest.approx(t_jitter / (train.max() - train.min()))
+    assert unstable["evidence"]["grad_norm_p90"] == pytest.approx(1.5)
+    # the same training jitter under a raised threshold leaves the validation set as the suspect
+    relaxed = diagnose(h, METRICS, PRIMARY_MAX, "max", {"train_jitter_rel": 0.5})
+    assert one(relaxed, "noisy_validation")["root_cause"] == "noisy"
+
+
 def test_input_pipeline_bound_is_resources():
     h = healthy()
     h["data_frac"] = 0.45
@@ -428,9 +448,22 @@ def test_strategy_none_without_actionable_findings():
 
 def test_strategy_targeted_for_one_root_cause():
     findings = [finding("lr_too_high", "divergence"), finding("lr_too_high", "grad_clipping"), finding("resources")]
+    for target in (None, 0.54):  # no target, or one within 10% of the baseline
+        chosen = choose_strategy("auto", findings, 0.5, target, "max", ALL)
+        assert chosen["chosen"] == "targeted"
+        assert "lr_too_high" in chosen["reason"] and "divergence" in chosen["reason"]
+
+
+def test_strategy_iterative_for_one_root_cause_far_from_the_target():
+    findings = [finding("lr_too_high", "divergence")]
     chosen = choose_strategy("auto", findings, 0.5, 0.9, "max", ALL)
-    assert chosen["chosen"] == "targeted"
-    assert "lr_too_high" in chosen["reason"] and "divergence" in chosen["reason"]
+    assert chosen["chosen"] == "iterative"
+    assert "44.4% short of the target 0.9" in chosen["reason"]
+    # minimised metric: 0.3 is 50% above a 0.2 target
+    assert choose_strategy("auto", findings, 0.3, 0.2, "min", ALL)["chosen"] == "iterative"
+    assert choose_strategy("auto", findings, 0.3, 0.2, "min", ALL, iterative_gap=0.6)["chosen"] == "targeted"
+    # without the iterative strategy the single fix is applied
+    assert choose_strategy("auto", findings, 0.5, 0.9, "max", {"targeted", "none"})["chosen"] == "targeted"
 
 
 def test_strategy_sweep_for_several_root_causes_when_available():

@@ -169,7 +169,13 @@ def test_killed_during_baseline_resumes_from_last_checkpoint(tmp_path):
                 pass  # being replaced right now
     assert epoch >= 3, "baseline never reached epoch 3"
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does to the terminal's process group
-    proc.communicate(timeout=120)
+    try:
+        proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out = proc.communicate()[0].decode(errors="replace")
+        log = (tmp_path / "results" / EXP / "logs" / "train_baseline.log").read_text()
+        pytest.fail(f"snakemake did not stop within 120 s of Ctrl-C\n{out[-2000:]}\ntrain log:\n{log[-3000:]}")
     assert not (tmp_path / "results" / EXP / "baseline" / "metrics.json").exists()
     interrupted_at = torch.load(last, weights_only=True)["epoch"]
     assert interrupted_at < 60

@@ -96,6 +96,8 @@ def cmd_prepare_data(args) -> None:
 def _train_config(args, exp: dict) -> dict:
     from tunewise.config import load_yaml, parse_override, set_dotted
 
+    if getattr(args, "config", None) is not None:
+        return args.config
     config_file = args.config_file
     if not config_file and args.side == "optimized":
         config_file = _exp_dir(args) / "diagnosis" / "optimization_config.yaml"
@@ -110,7 +112,7 @@ def cmd_train(args) -> None:
     from tunewise.devices import resolve_device, set_threads
     from tunewise.runs import RunDir
     from tunewise.trainers import get_trainer
-    from tunewise.trainers.base import NonFiniteLoss
+    from tunewise.trainers.base import NonFiniteLoss, Pruned
     from tunewise.tracking import EpochReporter
 
     exp = _experiment(args)
@@ -122,21 +124,21 @@ def cmd_train(args) -> None:
     run = RunDir(args.run_dir)
     if run.is_finished() and not args.force:
         print(f"{run.path}: already finished (status {run.status}); --force to train again")
-        return
+        return run.require_finished()
     resuming = (run.checkpoints / "last.pt").exists()
     info = run.start(config, seed, {"phase": args.phase, "side": args.side, "experiment": exp["name"]})
 
     tracker = _tracker(exp)
     parent = None
-    if args.phase == "seed":
-        parent = tracker.parent_run(
-            "significance", _base_tags(exp, "significance", None), _exp_dir(args) / "tracking.json"
-        )
+    parent_name = getattr(args, "parent", None) or ("significance" if args.phase == "seed" else None)
+    if parent_name:
+        parent = tracker.parent_run(parent_name, _base_tags(exp, parent_name, None), _exp_dir(args) / "tracking.json")
     if info.get("mlflow_run_id") and resuming:
         run_id = tracker.resume_run(info["mlflow_run_id"])
     else:
         name = args.run_name or f"{args.phase}" + (f"-{args.side}-seed{seed}" if args.phase == "seed" else "")
         tags = _base_tags(exp, args.phase, args.rule, config) | {"seed": seed, "side": args.side, "run_dir": str(run.path)}
+        tags |= getattr(args, "tags", None) or {}
         run_id = tracker.start_run(name, tags, parent_id=parent)
         tracker.log_params(run_id, {"seed": seed, "threads": threads, "device": str(device), **config})
         run.update_info(mlflow_run_id=run_id)
@@ -144,10 +146,14 @@ def cmd_train(args) -> None:
         print(f"{run.path}: resuming from checkpoints/last.pt")
 
     reporter = EpochReporter(tracker, run_id)
+    if getattr(args, "wrap_reporter", None):  # a sweep trial reports to Optuna too, and may be pruned
+        reporter = args.wrap_reporter(reporter)
     try:
         metrics = trainer.run(config, seed, run, reporter, device, exp["metric"])
-    except NonFiniteLoss as e:
-        # a diverged baseline is a finding for the diagnosis, not a crash of the workflow
+    except (NonFiniteLoss, Pruned) as e:
+        # a diverged run is a finding for the diagnosis and a pruned trial an answer for the sweep,
+        # not crashes of the workflow
+        status = "pruned" if isinstance(e, Pruned) else "diverged"
         history = run.history() if run.history_path.exists() else None
         metrics = {
             "primary": {"name": exp["metric"]["name"], "direction": exp["metric"]["direction"], "best": None, "final": None},
@@ -157,19 +163,26 @@ def cmd_train(args) -> None:
             "stopped_early": True,
             "device": str(device),
         }
-        if history is not None and exp["metric"]["name"] in history:
-            finite = history[exp["metric"]["name"]].dropna()
-            if len(finite):
-                best = finite.max() if exp["metric"]["direction"] == "max" else finite.min()
-                metrics["primary"]["best"] = float(best)
-        run.finish(metrics, status="diverged", reason=str(e))
-        tracker.set_tags(run_id, {"status": "diverged", "reason": str(e)})
-        tracker.end_run(run_id, "FAILED")
-        print(f"{run.path}: diverged ({e})", file=sys.stderr)
-        return
-    except BaseException as e:
+        name = exp["metric"]["name"]
+        if history is not None and name in history and history[name].notna().any():
+            values = history[name]
+            at = values.idxmax() if exp["metric"]["direction"] == "max" else values.idxmin()
+            metrics["primary"]["best"] = float(values[at])
+            metrics["primary"]["final"] = float(values.dropna().iloc[-1])
+            metrics["best_step"] = int(history["step"][at])
+        run.finish(metrics, status=status, reason=str(e))
+        tracker.set_tags(run_id, {"status": status, "reason": str(e)})
+        tracker.end_run(run_id, "KILLED" if status == "pruned" else "FAILED")
+        print(f"{run.path}: {status} ({e})", file=sys.stderr)
+        return metrics | {"status": status, "reason": str(e)}
+    except (KeyboardInterrupt, SystemExit) as e:
+        # No MLflow call here: the interrupt may have landed inside one, and the store's connection pool can
+        # then block forever. The MLflow run stays RUNNING and is picked up again when the run resumes.
+        run.fail(f"interrupted ({type(e).__name__})", status="interrupted")
+        raise
+    except Exception as e:
         run.fail(f"{type(e).__name__}: {e}")
-        tracker.end_run(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        tracker.end_run(run_id, "FAILED")
         raise
     metrics["threads"] = threads
     run.finish(metrics)
@@ -180,6 +193,7 @@ def cmd_train(args) -> None:
     tracker.end_run(run_id)
     p = metrics["primary"]
     print(f"{run.path}: done, {p['name']} best {p['best']:.4f} at step {metrics['best_step']} ({metrics['wall_seconds']:.1f}s)")
+    return metrics | {"status": "done"}
 
 
 def cmd_diagnose(args) -> None:
@@ -210,7 +224,7 @@ def cmd_diagnose(args) -> None:
     best = metrics["primary"]["best"]
     strategy = choose_strategy(
         exp["optimize"]["strategy"], findings, best, exp["finalize"]["target"], metric["direction"],
-        available={"targeted", "none"},
+        available={"targeted", "sweep", "iterative", "none"}, iterative_gap=exp["optimize"]["iterative"]["choose_gap"],
     )
     if exp["optimize"]["strategy"] == "auto" and strategy["chosen"] != "none" and not patch:
         strategy = {**strategy, "chosen": "none", "reason": strategy["reason"] + "; but no recommendation maps to a knob of this trainer, so nothing to change"}
@@ -249,12 +263,185 @@ def cmd_diagnose(args) -> None:
     print(f"diagnosis: {len(findings)} findings ({', '.join(causes) or 'none'}); strategy {strategy['chosen']}: {strategy['reason']}")
 
 
+def _sweep_setup(args, exp: dict):
+    """(space, base config, trial epochs, sweep dir) of an experiment's sweep."""
+    from tunewise.config import load_yaml
+    from tunewise.phases import sweep
+    from tunewise.trainers import get_trainer
+
+    cfg = exp["optimize"]["sweep"]
+    exp_dir = _exp_dir(args)
+    base_path = exp_dir / ("diagnosis/optimization_config.yaml" if cfg["base"] == "optimized" else "baseline/config.yaml")
+    if not base_path.exists():
+        raise CliError(f"{base_path}: the sweep's base config (optimize.sweep.base: {cfg['base']}) is missing; run the diagnosis first")
+    try:
+        space = sweep.resolve_space(get_trainer(exp["trainer"]).search_space(), cfg.get("space"))
+    except sweep.SweepError as e:
+        raise CliError(f"experiments.{exp['name']}.{e}") from None
+    return space, load_yaml(base_path), cfg.get("epochs"), exp_dir / "optimize" / "sweep"
+
+
+def cmd_sweep_trial(args) -> None:
+    """One trial slot of the experiment's study: ask, train (reporting for pruning), tell."""
+    import shutil
+
+    from tunewise.phases import sweep
+    from tunewise.runs import RunDir, write_json
+
+    exp = _experiment(args)
+    space, base, epochs, sweep_dir = _sweep_setup(args, exp)
+    slot, journal = args.slot, sweep_dir / "study.journal"
+    run_dir = sweep_dir / "trials" / f"trial{slot}"
+    study = sweep.open_study(exp, space, base, journal, slot, epochs=epochs)
+    done = sweep.finished_trial(study, slot)
+    if done is None:
+        stale = sweep.fail_stale(study, slot)
+        attempt = len(sweep.slot_trials(study, slot))
+        if attempt:  # a fresh sampler seed for the re-ask, so a retry is not a copy of the killed attempt
+            study = sweep.open_study(exp, space, base, journal, slot, attempt, epochs=epochs)
+        if run_dir.exists():
+            # the killed attempt's files stay for inspection, out of the way of the new trial
+            archive = sweep_dir / "trials" / "interrupted" / f"trial{slot}-attempt{attempt}"
+            archive.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(archive, ignore_errors=True)
+            run_dir.rename(archive)
+        trial = study.ask()
+        trial.set_user_attr("slot", slot)
+        params = sweep.suggest(trial, space)
+        config = sweep.trial_config(base, params, epochs)
+        if stale:
+            print(f"slot {slot}: trial(s) {stale} left running by a killed job recorded as failed; re-asked as trial {trial.number}")
+        train_args = argparse.Namespace(
+            experiment_file=args.experiment_file, run_dir=str(run_dir), config_file=None, seed=None, phase="optimize",
+            side=None, threads=args.threads, set=None, rule=args.rule, run_name=f"trial{slot}", force=False,
+            parent="sweep", tags={"trial": trial.number, "slot": slot, "study": study.study_name},
+            wrap_reporter=lambda inner: sweep.TrialReporter(inner, trial, exp["metric"]["name"], int(config["train"]["epochs"])),
+            config=config,
+        )
+        try:
+            metrics = cmd_train(train_args)
+        except BaseException as e:
+            sweep.tell_failed(study, trial, sweep.INTERRUPTED if isinstance(e, KeyboardInterrupt) else "error",
+                              f"{type(e).__name__}: {e}")
+            raise
+        if metrics["status"] == "done":
+            study.tell(trial, float(metrics["primary"]["best"]))
+        elif metrics["status"] == "pruned":
+            trial.set_user_attr("reason", metrics["reason"])
+            study.tell(trial, state=sweep.TrialState.PRUNED)
+        else:
+            sweep.tell_failed(study, trial, "diverged", metrics.get("reason") or metrics["status"])
+        done = sweep.finished_trial(study, slot)
+    elif not RunDir(run_dir).is_finished():
+        raise CliError(f"slot {slot} has finished trial {done.number} in {study.study_name} but {run_dir} is not a finished run")
+    record = sweep.trial_record(done, run_dir)
+    write_json(Path(args.out), {"study": study.study_name, **record})
+    print(f"slot {slot}: trial {record['number']} {record['state']}, {exp['metric']['name']} = {record['value']}")
+
+
+def cmd_select_best(args) -> None:
+    """The best complete trial of the study -> best.yaml, best.json, sweep.json (with playbook checks)."""
+    from tunewise.config import dump_yaml
+    from tunewise.phases import sweep
+    from tunewise.phases.playbook import sweep_checks
+    from tunewise.runs import atomic_write_text, write_json
+
+    exp = _experiment(args)
+    space, base, epochs, sweep_dir = _sweep_setup(args, exp)
+    study = sweep.open_study(exp, space, base, sweep_dir / "study.journal", epochs=epochs)
+    try:
+        summary = sweep.summarise(study, exp, space, sweep_dir / "trials", int(exp["optimize"]["sweep"]["n_trials"]))
+    except sweep.SweepError as e:
+        raise CliError(str(e)) from None
+    summary["checks"] = sweep_checks(summary)
+    best = summary["best"]
+    # the best trial's values on the base config; a shortened trial budget (optimize.sweep.epochs) is not kept
+    config = sweep.trial_config(base, best["params"], None)
+    out = Path(args.out_dir)
+    atomic_write_text(out / "best.yaml", dump_yaml(config))
+    write_json(out / "sweep.json", summary)
+    write_json(out / "best.json", {"strategy": "sweep", "config": str(out / "best.yaml"), "run_dir": best["run_dir"],
+                                   "value": best["value"], "metric": exp["metric"], "trial": best["number"],
+                                   "slot": best["slot"], "params": best["params"], "study": study.study_name})
+    tracker = _tracker(exp)
+    parent = tracker.parent_run("sweep", _base_tags(exp, "sweep", None), _exp_dir(args) / "tracking.json")
+    tracker.log_params(parent, {"sampler": summary["sampler"], "pruner": summary["pruner"], "n_trials": summary["n_trials"],
+                                "study": study.study_name})
+    tracker.log_metrics(parent, {"best_value": best["value"], **{f"n_{k.lower()}": v for k, v in summary["states"].items()},
+                                 **{f"importance/{k}": v for k, v in summary["importance"].items()}})
+    for path in (out / "best.yaml", out / "sweep.json"):
+        tracker.log_artifact(parent, path)
+    tracker.end_run(parent)
+    print(f"sweep of {exp['name']}: best trial {best['number']} (slot {best['slot']}) {exp['metric']['name']} = {best['value']:.4g}; "
+          + ", ".join(f"{v} {k.lower()}" for k, v in summary["states"].items()))
+
+
+def cmd_iterate(args) -> None:
+    """One round of the iterative strategy (diagnose the previous round, apply, train), or with --summary
+    the chain's best.yaml/best.json/iterative.json once every round has run."""
+    from tunewise.phases import iterate
+    from tunewise.runs import RunDir
+
+    exp = _experiment(args)
+    exp_dir = _exp_dir(args)
+    tracker = _tracker(exp)
+    tracking_state = exp_dir / "tracking.json"
+    if args.summary:
+        expected = iterate.iterative_dir(exp_dir) / "best.json"
+        if args.out and Path(args.out).resolve() != expected.resolve():
+            raise CliError(f"--out {args.out}: the summary is written to {expected}")
+        best = iterate.write_summary(exp, exp_dir)
+        parent = tracker.parent_run("iterative", _base_tags(exp, "iterative", None), tracking_state)
+        tracker.log_metrics(parent, {"best_value": best["value"], "best_round": best["round"],
+                                     "rounds_trained": best["rounds_trained"]})
+        tracker.set_tags(parent, {"decision": best["decision"]["option"], "rule": args.rule or ""})
+        for name in ("best.yaml", "iterative.json", "best.json"):
+            tracker.log_artifact(parent, iterate.iterative_dir(exp_dir) / name)
+        tracker.end_run(parent)
+        where = "the baseline (no round beat it)" if best["round"] == 0 else f"round {best['round']}"
+        print(f"iterative {exp['name']}: best {exp['metric']['name']} {best['value']} from {where} -> {expected}")
+        return
+    expected = iterate.round_path(exp_dir, args.round)
+    if args.out and Path(args.out).resolve() != expected.resolve():
+        raise CliError(f"--out {args.out}: round {args.round} writes {expected}")
+
+    def train(config_path: Path, run_dir: Path) -> None:
+        # the same verb as every run: MLflow, resume from last.pt, a diverged run recorded as such
+        cmd_train(argparse.Namespace(
+            experiment_file=args.experiment_file, run_dir=str(run_dir), config_file=str(config_path), seed=None,
+            phase="optimize", side="optimized", threads=args.threads, set=None, rule=args.rule,
+            run_name=f"optimize-iterative-round{args.round}", force=False, parent="iterative",
+            tags={"iterative.round": args.round},
+        ))
+
+    try:
+        record = iterate.run_round(exp, exp_dir, args.round, train)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    decision = record["decision"]
+    if record["status"] == "trained":
+        run_id = RunDir(record["run_dir"]).info().get("mlflow_run_id")
+        if run_id:
+            tracker.set_tags(run_id, {"iterative.decision": decision["option"], "iterative.continue": decision["continue"]})
+            tracker.log_metrics(run_id, {"iterative/gain": record["gain"], "iterative/gain_rel": record["gain_rel"]})
+            tracker.log_artifact(run_id, expected)
+    print(f"iterative round {args.round} of {exp['name']}: {record['status']}, value {record['value']}; "
+          f"option {decision['option']} ({'continue' if decision['continue'] else 'stop'}): {decision['reason']}")
+
+
 def _optimize_run(args, diag: dict) -> Path | None:
-    """Where the chosen strategy's optimize run lives (None when optimization was skipped)."""
+    """The run directory the chosen strategy stands on: the targeted run, or the run behind a sweep's or
+    iterative chain's best.json (None when optimization was skipped)."""
+    from tunewise.runs import read_json
+
     if getattr(args, "optimize_run", None):
         return Path(args.optimize_run)
     chosen = diag["strategy"]["chosen"]
-    return None if chosen == "none" else _exp_dir(args) / "optimize" / chosen
+    if chosen == "none":
+        return None
+    out = _exp_dir(args) / "optimize" / chosen
+    best = out / "best.json"
+    return Path(read_json(best)["run_dir"]) if best.exists() else out
 
 
 def _primary_values(run_dirs: list[str], metric: str) -> tuple[list[float], list[str]]:
@@ -305,8 +492,14 @@ def cmd_significance(args) -> None:
     write_json(out / "significance.json", sig)
     write_json(out / "decision.json", decision)
     optimize_run = _optimize_run(args, diag)
+    strategy_dir = _exp_dir(args) / "optimize" / diag["strategy"]["chosen"]
+    extra = {}
+    if (strategy_dir / "sweep.json").exists():
+        extra["sweep_json"] = strategy_dir / "sweep.json"
+    if (strategy_dir / "iterative.json").exists():
+        extra["iterative_json"] = strategy_dir / "iterative.json"
     reports = write_optimization_results(out / "significance.json", out / "decision.json", diag_path,
-                                         Path(diag["baseline"]["run_dir"]), optimize_run, Path(args.reports_dir))
+                                         Path(diag["baseline"]["run_dir"]), optimize_run, Path(args.reports_dir), **extra)
 
     tracker = _tracker(exp)
     parent = tracker.parent_run("significance", _base_tags(exp, "significance", None), _exp_dir(args) / "tracking.json")
@@ -468,6 +661,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", required=True)
     p.add_argument("--reports-dir", required=True)
     p.set_defaults(func=cmd_diagnose)
+
+    p = sub.add_parser("sweep-trial", help="Phase 4 sweep: ask the study for one trial slot, train it, tell")
+    _common(p)
+    p.add_argument("--slot", type=int, required=True, help="trial slot (the Snakemake wildcard `trial`)")
+    p.add_argument("--out", required=True, help="trial.json, written once the trial is told")
+    p.add_argument("--threads", type=int)
+    p.set_defaults(func=cmd_sweep_trial)
+
+    p = sub.add_parser("select-best", help="Phase 4 sweep: best trial -> best.yaml, sweep.json, playbook checks")
+    _common(p)
+    p.add_argument("--out-dir", required=True)
+    p.set_defaults(func=cmd_select_best)
+
+    p = sub.add_parser("iterate", help="Phase 4 iterative: one round of diagnose -> recommend -> train")
+    _common(p)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--round", type=int, help="round number K (1..optimize.iterative.max_iterations)")
+    which.add_argument("--summary", action="store_true", help="best.yaml, best.json, iterative.json after the last round")
+    p.add_argument("--out", help="round<K>/round.json (or best.json with --summary); checked against the layout")
+    p.add_argument("--threads", type=int)
+    p.set_defaults(func=cmd_iterate)
 
     p = sub.add_parser("significance", help="multi-seed comparison and the decision point")
     _common(p)

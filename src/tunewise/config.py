@@ -17,7 +17,7 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
-IMPLEMENTED_STRATEGIES = {"auto", "targeted", "none"}
+IMPLEMENTED_STRATEGIES = {"auto", "targeted", "sweep", "iterative", "none"}
 
 
 class ConfigError(ValueError):

@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-FINISHED = {"done", "diverged"}
+FINISHED = {"done", "diverged", "pruned"}
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -26,6 +26,7 @@ wildcard_constraints:
     exp="|".join(EXPERIMENTS) if EXPERIMENTS else "[^/]+",
     side="baseline|optimized",
     seed=r"\d+",
+    trial=r"\d+",
     gate="diagnostics|optimization_complete",
 
 
@@ -72,10 +73,32 @@ def strategy(wildcards):
 
 
 def optimize_outputs(wildcards):
+    """What the chosen strategy produces; the significance phase waits for it."""
+    chosen, base = strategy(wildcards), f"results/{wildcards.exp}"
+    return {
+        "none": [],
+        "targeted": [f"{base}/optimize/targeted/metrics.json"],
+        "sweep": [f"{base}/optimize/sweep/best.json"],
+        "iterative": [f"{base}/optimize/iterative/best.json"],
+    }[chosen]
+
+
+def strategy_config(wildcards):
+    """The optimized config: the diagnosis' patch (targeted, none) or the strategy's best."""
     chosen = strategy(wildcards)
-    if chosen == "none":
-        return []
-    return [f"results/{wildcards.exp}/optimize/{chosen}/metrics.json"]
+    if chosen in ("targeted", "none"):
+        return f"results/{wildcards.exp}/diagnosis/optimization_config.yaml"
+    return f"results/{wildcards.exp}/optimize/{chosen}/best.yaml"
+
+
+def optimized_config(wildcards):
+    """What a seed run trains: the optimized config on the optimized side, the experiment's own otherwise."""
+    return [strategy_config(wildcards)] if wildcards.side == "optimized" else []
+
+
+def sweep_trials(wildcards):
+    n = exp_cfg(wildcards)["optimize"]["sweep"]["n_trials"]
+    return [f"results/{wildcards.exp}/optimize/sweep/trials/trial{i}/trial.json" for i in range(n)]
 
 
 def seed_runs(wildcards, side):

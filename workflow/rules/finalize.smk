@@ -5,7 +5,7 @@ rule finalize:
         decision="results/{exp}/significance/decision.json",
         gate="results/{exp}/gates/optimization_complete.json",
         baseline="results/{exp}/baseline/metrics.json",
-        optimized_config="results/{exp}/diagnosis/optimization_config.yaml",
+        optimized_config=strategy_config,
     output:
         final="results/{exp}/final/final.json",
         best="results/{exp}/final/best_model_optimized.pt",

@@ -2,10 +2,9 @@ rule seed_run:
     input:
         exp="results/{exp}/experiment.yaml",
         data="results/{exp}/data/ready.json",
-        # the optimized side trains the diagnosis' config; the baseline side the experiment's own
-        config=lambda wc: (
-            [f"results/{wc.exp}/diagnosis/optimization_config.yaml"] if wc.side == "optimized" else []
-        ),
+        # the optimized side trains the chosen strategy's config; the baseline side the experiment's own
+        # (an empty list: `--config-file=` then reads as "none", where a bare flag would eat the next one)
+        config=optimized_config,
     output:
         "results/{exp}/seeds/{side}/seed{seed}/metrics.json",
     params:
@@ -20,8 +19,8 @@ rule seed_run:
         mem_mb=mem_for,
         runtime=runtime_for,
     shell:
-        "tunewise train --experiment-file {input.exp:q} --run-dir {params.run_dir:q} --phase seed"
-        " --side {wildcards.side} --seed {wildcards.seed} --threads {threads} --rule seed_run > {log:q} 2>&1"
+        "tunewise train --experiment-file {input.exp:q} --config-file={input.config:q} --run-dir {params.run_dir:q}"
+        " --phase seed --side {wildcards.side} --seed {wildcards.seed} --threads {threads} --rule seed_run > {log:q} 2>&1"
 
 
 rule significance:

@@ -36,6 +36,11 @@ DEFAULT_THRESHOLDS: dict = {
     # noisy validation: std of first differences of the primary metric over the second half, relative to the
     # primary metric's range (a per-epoch noise of ~10% of the achieved improvement)
     "val_jitter_rel": 0.15,
+    # ... and when the training counterpart evaluated at the same epochs jumps too (std of its first differences
+    # over the second half above this share of its range), the weights themselves move too far per epoch: the
+    # learning rate is too high rather than the validation set too small. Measured on real latent runs
+    # (bench `trust`): trainer-default LR 0.1-0.5% of the range, 10x that LR 1.5-9.5%.
+    "train_jitter_rel": 0.01,
     # gradient clipping: mean share of clipped steps above this means the LR is too high (methods.md: >50%)
     "clip_frac": 0.5,
     # generalisation gap at the end counts as large above max(gap_abs, gap_rel * max(|train end|, |val end|))
@@ -245,20 +250,46 @@ def _training_loss_rules(history: pd.DataFrame, th: dict) -> list[dict]:
     return found
 
 
-def _noisy_validation(val: np.ndarray, primary: str, th: dict) -> list[dict]:
-    half = val[len(val) // 2:]
-    span = float(val.max() - val.min())
+def _second_half_jitter(values: np.ndarray) -> tuple[float, float] | None:
+    """(std of first differences over the second half, range of the whole curve); None when too short or flat."""
+    half = values[len(values) // 2:]
+    span = float(values.max() - values.min())
     if len(half) < 3 or span <= 1e-12:
+        return None
+    return float(np.std(np.diff(half))), span
+
+
+def _noisy_validation(history: pd.DataFrame, val: np.ndarray, primary: str, train: np.ndarray | None,
+                      train_col: str | None, th: dict) -> list[dict]:
+    measured = _second_half_jitter(val)
+    if measured is None:
         return []
-    jitter = float(np.std(np.diff(half)))
+    jitter, span = measured
     rel = jitter / span
     if rel <= th["val_jitter_rel"]:
         return []
+    evidence = {"val_diff_std": jitter, "val_range": span, "jitter_to_range": rel}
+    train_measured = _second_half_jitter(train) if train is not None else None
+    if train_measured is not None:
+        t_jitter, t_span = train_measured
+        evidence["train_jitter_to_range"] = t_jitter / t_span
+        # a fixed validation set only jumps when the weights do; if the training metric at the same epochs jumps
+        # as well, the step size, not the size of the validation set, is the cause
+        if t_jitter / t_span > th["train_jitter_rel"]:
+            return [_finding(
+                "unstable_training", "lr_too_high", "medium",
+                f"{primary} and {train_col} both jump between epochs in the second half: step-to-step std "
+                f"{_fmt(jitter)} is {rel:.0%} of the validation range {_fmt(span)}, and {_fmt(t_jitter)} is "
+                f"{t_jitter / t_span:.1%} of the training range {_fmt(t_span)} (above "
+                f"{th['train_jitter_rel']:.1%}): the weights move too far each epoch, the learning rate is too high.",
+                {**evidence, "train_diff_std": t_jitter, "train_range": t_span,
+                 "grad_norm_p90": _p90_grad_norm(history)},
+            )]
     return [_finding(
         "noisy_validation", "noisy", "medium",
         f"{primary} is noisy between epochs in the second half: step-to-step std {_fmt(jitter)} is {rel:.0%} of "
         f"its range {_fmt(span)}, so its best step is partly chance.",
-        {"val_diff_std": jitter, "val_range": span, "jitter_to_range": rel},
+        evidence,
     )]
 
 
@@ -305,12 +336,12 @@ def diagnose(history: pd.DataFrame, metrics: dict, primary: str, direction: str,
     best_step, best_value = int(steps[best_i]), float(val[best_i])
     tail = _tail_rows(n, th["tail_frac"])
     val_end = _end(val, th["end_rows"])
-    found = [*averages, *_training_loss_rules(history, th), *_noisy_validation(val, primary, th)]
-
     train_col = _train_counterpart(primary)
     train = _values(history, train_col) if train_col and train_col in history else None
     if train is not None and not np.isfinite(train).all():
         train = None
+    found = [*averages, *_training_loss_rules(history, th),
+             *_noisy_validation(history, val, primary, train, train_col, th)]
     gap = threshold = train_end = None
     if train is not None:
         train_end = _end(train, th["end_rows"])
@@ -396,15 +427,24 @@ def _meets(value: float, target: float, direction: str) -> bool:
     return value >= target if direction == "max" else value <= target
 
 
+def _relative_gap(value: float | None, target: float | None, direction: str) -> float | None:
+    """How far `value` is short of `target`, relative to |target| (None without both, <= 0 when met)."""
+    if value is None or target is None or target == 0:
+        return None
+    short = target - value if direction == "max" else value - target
+    return short / abs(target)
+
+
 def choose_strategy(requested: str, findings: list[dict], baseline_value: float | None, target: float | None,
-                    direction: str, available: set[str]) -> dict:
+                    direction: str, available: set[str], iterative_gap: float = 0.1) -> dict:
     """The optimization strategy: `{"chosen", "requested", "reason"}` (DESIGN.md, strategy `auto`).
 
     `auto`: the target already met, or no actionable finding (only `resources`/`unknown`) -> `none`
     (skip to significance/finalize); one root cause -> `targeted`; several -> `sweep` when available, else
-    `targeted` with a reason saying a sweep would be preferred. `iterative` ("promising but insufficient") is
-    chosen by later rounds from a measured result, never by this first diagnosis. Any other `requested`
-    strategy is honoured as is; one not in `available` raises ValueError.
+    `targeted` with a reason saying a sweep would be preferred. One root cause but a target further away than
+    `iterative_gap` (relative) -> `iterative` when available ("promising but insufficient": one fix rarely
+    closes a wide gap, so rounds of diagnose -> fix -> train follow). Any other `requested` strategy is
+    honoured as is; one not in `available` raises ValueError.
     """
     if requested != "auto":
         if requested not in available:
@@ -424,6 +464,11 @@ def choose_strategy(requested: str, findings: list[dict], baseline_value: float 
         return pick("none", f"baseline near its ceiling / nothing to fix: no actionable finding{extra}")
     ids = ", ".join(f["id"] for f in findings if f["root_cause"] in causes)
     if len(causes) == 1:
+        gap = _relative_gap(baseline_value, target, direction)
+        if gap is not None and gap > iterative_gap and "iterative" in available:
+            return pick("iterative", f"one root cause ({causes[0]}: {ids}) but the baseline {baseline_value:.4g} is "
+                                     f"{gap:.1%} short of the target {target:.4g} (> {iterative_gap:.0%}): "
+                                     f"promising but insufficient, so refine over rounds")
         return pick("targeted", f"one clear root cause: {causes[0]} ({ids})")
     if "sweep" in available:
         return pick("sweep", f"several root causes: {', '.join(causes)} ({ids})")

@@ -199,3 +199,285 @@ def plot_overview(rows: Sequence[Mapping], path: Path) -> Path:
         _no_data(axes[0][0], "experiment")
     fig.tight_layout()
     return _save(fig, path)
+
+
+# --- sweep plots (input: the sweep.json summary; trial curves from each trial's history.csv) ---------
+
+SWEEP_STATE_STYLE = {  # state -> (marker, colour, label)
+    "COMPLETE": ("o", "tab:blue", "complete"),
+    "PRUNED": ("x", "tab:gray", "pruned (last reported)"),
+    "FAIL": ("v", "tab:red", "failed (no value: along the bottom)"),
+}
+
+
+def _sweep_value(trial: Mapping) -> float | None:
+    value = trial.get("value")
+    try:
+        value = float(value) if value is not None and not isinstance(value, bool) else None
+    except (TypeError, ValueError):
+        return None
+    return value if value is not None and np.isfinite(value) else None
+
+
+def _sweep_params(sweep: Mapping) -> list[str]:
+    keys = list(sweep.get("space") or {})
+    for trial in sweep.get("trials") or []:
+        keys += [k for k in trial.get("params") or {} if k not in keys]
+    return keys
+
+
+def _sweep_sign(sweep: Mapping) -> int:
+    return 1 if (sweep.get("metric") or {}).get("direction", "max") == "max" else -1
+
+
+def _is_best(sweep: Mapping, trial: Mapping) -> bool:
+    best = sweep.get("best") or {}
+    for key in ("slot", "number"):
+        if best.get(key) is not None and trial.get(key) is not None:
+            return trial[key] == best[key]
+    return False
+
+
+def _panels(n: int, width: float = 4.0, height: float = 3.2):
+    cols = min(3, max(n, 1))
+    rows = -(-max(n, 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    flat = list(axes.flat)
+    for ax in flat[max(n, 1):]:
+        ax.axis("off")
+    return fig, flat
+
+
+def _param_x(spec: Mapping, values: Sequence) -> tuple[list[float | None], list | None]:
+    """x positions of parameter values; categorical choices sit at 0..n-1, labelled with the choice."""
+    if spec.get("type") == "categorical":
+        choices = list(spec.get("choices") or [])
+        for v in values:
+            if v is not None and v not in choices:
+                choices.append(v)
+        return [choices.index(v) if v is not None else None for v in values], choices
+    out = []
+    for v in values:
+        try:
+            out.append(float(v) if v is not None else None)
+        except (TypeError, ValueError):
+            out.append(None)
+    return out, None
+
+
+def _param_axis(ax, key: str, spec: Mapping, choices: list | None, xs: Sequence[float | None]) -> None:
+    ax.set_xlabel(key)
+    if choices is not None:
+        ax.set_xticks(range(len(choices)), [str(c) for c in choices])
+        ax.set_xlim(-0.5, len(choices) - 0.5)
+    elif spec.get("log") and all(x is None or x > 0 for x in xs):
+        ax.set_xscale("log")
+
+
+def plot_param_axes(sweep: Mapping, path: Path) -> Path:
+    """One panel per swept parameter: the trial's primary value against the parameter value.
+
+    Complete trials are dots, pruned ones crosses at their last reported value, failed ones red triangles
+    along the bottom edge (they have no value), the best trial a star. Log parameters get a log x axis.
+    """
+    metric = (sweep.get("metric") or {}).get("name", "value")
+    space = sweep.get("space") or {}
+    keys = _sweep_params(sweep)
+    trials = list(sweep.get("trials") or [])
+    fig, axes = _panels(len(keys))
+    for ax, key in zip(axes, keys):
+        spec = space.get(key) or {}
+        xs, choices = _param_x(spec, [(t.get("params") or {}).get(key) for t in trials])
+        for state, (marker, colour, label) in SWEEP_STATE_STYLE.items():
+            points = [(x, _sweep_value(t)) for x, t in zip(xs, trials) if x is not None and t.get("state") == state]
+            with_value = [(x, y) for x, y in points if y is not None]
+            without = [x for x, y in points if y is None]
+            if with_value:
+                ax.plot(*zip(*with_value), marker, color=colour, label=label, alpha=0.8, linestyle="none")
+            if without:  # no value to place: x in data units, y along the bottom edge of the axes
+                ax.plot(without, [0.03] * len(without), marker, color=colour, transform=ax.get_xaxis_transform(),
+                        label=None if with_value else label, linestyle="none")
+        best = [(x, _sweep_value(t)) for x, t in zip(xs, trials) if x is not None and _is_best(sweep, t)]
+        best = [(x, y) for x, y in best if y is not None]
+        if best:
+            ax.plot(*zip(*best), "*", color="gold", markeredgecolor="black", markersize=15, label="best",
+                    linestyle="none")
+        _param_axis(ax, key, spec, choices, xs)
+        ax.set_ylabel(metric)
+        if not ax.lines:
+            _no_data(ax, "trial")
+    if keys:
+        axes[0].legend(loc="best", fontsize=7)
+    else:
+        _no_data(axes[0], "swept parameter")
+    fig.suptitle(f"sweep: {metric} against each parameter")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _bin_edges(spec: Mapping, xs: np.ndarray, n_complete: int) -> np.ndarray | None:
+    low, high = spec.get("low"), spec.get("high")
+    low = float(low) if low is not None else float(np.min(xs)) if xs.size else None
+    high = float(high) if high is not None else float(np.max(xs)) if xs.size else None
+    if low is None or high is None or high <= low:
+        return None
+    # about sqrt(n) bins, so a bin holds a few trials on average; an int range gives no more bins than values
+    n = int(min(8, max(2, round(np.sqrt(max(n_complete, 1))))))
+    if spec.get("type") == "int":
+        n = int(min(n, high - low + 1))
+    if spec.get("log") and low > 0:
+        return np.geomspace(low, high, n + 1)
+    return np.linspace(low, high, n + 1)
+
+
+def plot_isolation(sweep: Mapping, path: Path) -> Path:
+    """The playbook's isolation plot per parameter: the best value reached among complete trials in each bin of
+    that parameter (each choice of a categorical), other parameters free. Faint dots are the complete trials."""
+    metric = (sweep.get("metric") or {}).get("name", "value")
+    space = sweep.get("space") or {}
+    keys = _sweep_params(sweep)
+    sign = _sweep_sign(sweep)
+    complete = [t for t in sweep.get("trials") or [] if t.get("state") == "COMPLETE" and _sweep_value(t) is not None]
+    ys_all = np.array([_sweep_value(t) for t in complete], dtype=float)
+    fig, axes = _panels(len(keys))
+    for ax, key in zip(axes, keys):
+        spec = space.get(key) or {}
+        xs, choices = _param_x(spec, [(t.get("params") or {}).get(key) for t in complete])
+        keep = np.array([x is not None for x in xs], dtype=bool)
+        x = np.array([np.nan if v is None else v for v in xs], dtype=float)[keep]
+        y = ys_all[keep] if ys_all.size else ys_all
+        if x.size == 0:
+            _no_data(ax, "complete trial")
+            ax.set_xlabel(key)
+            continue
+        ax.plot(x, y, "o", color="tab:blue", alpha=0.25, linestyle="none")
+        if choices is not None:
+            centres = np.arange(len(choices), dtype=float)
+            bests = [(sign * (sign * y[x == i]).max()) if (x == i).any() else np.nan for i in range(len(choices))]
+        else:
+            edges = _bin_edges(spec, x, len(x))
+            if edges is None:
+                centres, bests = x[:1], [sign * (sign * y).max()]
+            else:
+                index = np.clip(np.searchsorted(edges, x, side="right") - 1, 0, len(edges) - 2)
+                log = bool(spec.get("log")) and edges[0] > 0
+                centres = np.sqrt(edges[:-1] * edges[1:]) if log else (edges[:-1] + edges[1:]) / 2
+                bests = [(sign * (sign * y[index == i]).max()) if (index == i).any() else np.nan
+                         for i in range(len(centres))]
+                for edge in edges:
+                    ax.axvline(edge, color="tab:gray", alpha=0.15, linewidth=0.8)
+        ax.plot(centres, bests, "-o", color="tab:orange", label="best in bin")
+        _param_axis(ax, key, spec, choices, list(x))
+        ax.set_ylabel(f"best {metric}")
+    if keys:
+        axes[0].legend(loc="best", fontsize=7)
+    else:
+        _no_data(axes[0], "swept parameter")
+    fig.suptitle(f"sweep isolation: best {metric} per value range of each parameter")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_top_trial_curves(sweep: Mapping, path: Path, k: int = 5) -> Path:
+    """Validation primary metric over steps of the k best trials (complete first, by value), from history.csv."""
+    metric = (sweep.get("metric") or {}).get("name", "value")
+    sign = _sweep_sign(sweep)
+    ranked = sorted(
+        (t for t in sweep.get("trials") or [] if _sweep_value(t) is not None and t.get("run_dir")),
+        key=lambda t: (t.get("state") != "COMPLETE", -sign * _sweep_value(t)),
+    )[:k]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, trial in enumerate(ranked):
+        history_path = Path(trial["run_dir"]) / "history.csv"
+        try:
+            history = pd.read_csv(history_path)
+        except (FileNotFoundError, pd.errors.EmptyDataError):
+            continue
+        column = metric if metric in history.columns else f"val/{metric.split('/', 1)[-1]}"
+        series = _series(history, column)
+        if not series:
+            continue
+        best = _is_best(sweep, trial)
+        label = f"slot {trial.get('slot')} ({trial.get('state', '?').lower()}, {_sweep_value(trial):.4g})"
+        ax.plot(*series, color=f"C{i}", linewidth=2.4 if best else 1.2, label=label + (" best" if best else ""),
+                linestyle="-" if trial.get("state") == "COMPLETE" else "--")
+        if trial.get("best_step") is not None:
+            hit = series[0] == float(trial["best_step"])
+            if hit.any():
+                ax.plot(series[0][hit], series[1][hit], "o", color=f"C{i}")
+    ax.set_xlabel("step")
+    ax.set_ylabel(metric)
+    if ax.lines:
+        ax.legend(loc="best", fontsize=7)
+    else:
+        _no_data(ax, "trial history")
+    ax.set_title(f"top {len(ranked)} trials: {metric}")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_importance(sweep: Mapping, path: Path) -> Path:
+    """Parameter importance from sweep["importance"] as horizontal bars, largest on top."""
+    importance = {k: float(v) for k, v in (sweep.get("importance") or {}).items() if v is not None}
+    items = sorted(importance.items(), key=lambda kv: kv[1])
+    fig, ax = plt.subplots(figsize=(6, 0.9 + 0.45 * max(len(items), 2)))
+    if items:
+        ax.barh([k for k, _ in items], [v for _, v in items], color="tab:blue")
+        for i, (_, v) in enumerate(items):
+            ax.annotate(f"{v:.3g}", xy=(v, i), xytext=(3, 0), textcoords="offset points", va="center", fontsize=8)
+        ax.set_xlabel("importance")
+        ax.set_title("parameter importance")
+    else:
+        n = sum(1 for t in sweep.get("trials") or [] if t.get("state") == "COMPLETE")
+        ax.text(0.5, 0.5, f"not enough complete trials for parameter importance\n({n} complete)",
+                ha="center", va="center", transform=ax.transAxes)
+        ax.axis("off")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_rounds(rounds: Sequence[Mapping], metric: str, path: Path, baseline: float | None = None,
+                target: float | None = None, best_round: int | None = None, title: str = "") -> Path:
+    """The primary metric per iterative round, with the baseline run as round 0.
+
+    rounds: {"round", "value" (None when skipped or no value), "status", "run_status"}. Rounds without a value
+    are named on the axis (skipped, diverged) rather than drawn, so the line joins only measured rounds.
+    """
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    xs, ys = [], []
+    if baseline is not None and np.isfinite(baseline):
+        xs.append(0)
+        ys.append(float(baseline))
+    labels = {0: "baseline"}
+    for r in rounds:
+        k, value = int(r["round"]), r.get("value")
+        labels[k] = f"round {k}"
+        if r.get("status") != "trained":
+            labels[k] += "\n(skipped)"
+        elif r.get("run_status") == "diverged":
+            labels[k] += "\n(diverged)"
+        if value is not None and np.isfinite(float(value)) and r.get("status") == "trained":
+            xs.append(k)
+            ys.append(float(value))
+    if xs:
+        ax.plot(xs, ys, "-", color="tab:gray", alpha=0.6)
+        colours = ["tab:blue" if x == 0 else "tab:orange" for x in xs]
+        ax.scatter(xs, ys, c=colours, zorder=3)
+        if best_round is not None and best_round in xs:
+            y = ys[xs.index(best_round)]
+            ax.scatter([best_round], [y], s=220, facecolors="none", edgecolors="tab:green", linewidths=2, zorder=4,
+                       label="best")
+    else:
+        _no_data(ax, metric)
+    if target is not None and np.isfinite(target):
+        ax.axhline(target, color="tab:red", linestyle="--", linewidth=1, label="target")
+    ticks = sorted(labels)
+    ax.set_xticks(ticks, [labels[t] for t in ticks], fontsize=8)
+    ax.set_xlim(min(ticks) - 0.5, max(ticks) + 0.5)
+    ax.set_ylabel(metric)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="best")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return _save(fig, path)

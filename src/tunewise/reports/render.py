@@ -419,7 +419,8 @@ def _significance_context(sig: dict, direction: str) -> dict:
 
 def write_optimization_results(significance_path: Path, decision_path: Path, diagnosis_path: Path,
                                baseline_run_dir: Path, optimized_run_dir: Path | None,
-                               reports_dir: Path) -> list[Path]:
+                               reports_dir: Path, sweep_json: Path | None = None,
+                               iterative_json: Path | None = None) -> list[Path]:
     from tunewise.reports.plots import plot_comparison, plot_seed_scores
 
     reports_dir = Path(reports_dir)
@@ -446,6 +447,16 @@ def write_optimization_results(significance_path: Path, decision_path: Path, dia
     common = {"experiment": diag["experiment"], "trainer": diag.get("trainer"), "metric": metric,
               "sig": significance, "seeds_plot": _link(seeds, report)}
     opt_config = reports_dir / "optimization_config.yaml"
+    sweep = None
+    if sweep_json is not None:
+        from tunewise.reports.sweep import sweep_context
+
+        sweep = sweep_context(Path(sweep_json), report, reports_dir / "plots")
+    iterative = None
+    if iterative_json is not None:
+        from tunewise.reports.iterative import iterative_context
+
+        iterative = iterative_context(Path(iterative_json), report, reports_dir / "plots")
     text = render(
         "optimization_results.md.j2", **common,
         strategy={k: strategy.get(k) for k in ("requested", "chosen", "reason")},
@@ -459,10 +470,13 @@ def write_optimization_results(significance_path: Path, decision_path: Path, dia
         decision={k: decision.get(k) for k in ("option", "label", "next", "chosen_side", "target", "target_met", "rationale")},
         curves_plot=_link(curves, report),
         significance_link=_link(sig_report, report),
+        sweep=sweep,
+        iterative=iterative,
     )
     atomic_write_text(report, text)
     atomic_write_text(sig_report, render("significance.md.j2", **common))
-    return [report, sig_report, curves, seeds]
+    return [report, sig_report, curves, seeds, *(sweep["written"] if sweep else []),
+            *(iterative["written"] if iterative else [])]
 
 
 # --- checklists, final report, index --------------------------------------------------------

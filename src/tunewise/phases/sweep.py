@@ -1,0 +1,319 @@
+"""Phase 4, strategy `sweep`: one Optuna study per experiment, one Snakemake job per trial slot.
+
+Each `sweep_trial` job owns a *slot* (the Snakemake wildcard `trial`): it asks the shared study for a
+trial, trains it and tells the outcome. The slot is stored on the trial (user attribute `slot`), so a
+rerun knows which trials are already done and never recomputes them, and a trial whose job was
+killed is told FAIL ("interrupted") and its slot re-asked. The study lives in a journal file (several
+processes on one host) or an RDB URL (a cluster); never SQLite for parallel trials.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+SAMPLERS = ("grid", "random", "qmc", "tpe", "gp", "cmaes")
+PRUNERS = ("none", "median", "successive_halving", "hyperband")
+INTERRUPTED = "interrupted"
+# failures that are a result of the trial itself (its slot is done); anything else is re-asked
+FINAL_FAILURES = ("diverged",)
+
+
+class SweepError(ValueError):
+    """A sweep setting that cannot work (message names the key)."""
+
+
+# --- search space ---------------------------------------------------------------------------
+
+
+def resolve_space(default: dict, overrides: dict | None) -> dict:
+    """The trainer's default space with the experiment's overrides merged over it; `key: null` removes a key."""
+    space = copy.deepcopy(default)
+    for key, spec in (overrides or {}).items():
+        if spec is None:
+            space.pop(key, None)
+        else:
+            space[key] = {**space.get(key, {}), **spec} if spec.get("type") == space.get(key, {}).get("type") else dict(spec)
+    for key, spec in space.items():
+        _check_param(key, spec)
+    if not space:
+        raise SweepError("optimize.sweep.space: the search space is empty")
+    return space
+
+
+def _check_param(key: str, spec: dict) -> None:
+    where = f"optimize.sweep.space.{key}"
+    kind = spec.get("type")
+    if kind == "categorical":
+        if not spec.get("choices"):
+            raise SweepError(f"{where}: a categorical parameter needs a non-empty `choices` list")
+        return
+    if kind not in ("float", "int"):
+        raise SweepError(f"{where}.type: expected float, int or categorical, got {kind!r}")
+    for bound in ("low", "high"):
+        if not isinstance(spec.get(bound), (int, float)):
+            raise SweepError(f"{where}.{bound}: a {kind} parameter needs a number")
+    if spec["low"] >= spec["high"]:
+        raise SweepError(f"{where}: low {spec['low']} must be below high {spec['high']}")
+    if spec.get("log") and spec["low"] <= 0:
+        raise SweepError(f"{where}: a log-scaled parameter needs low > 0, got {spec['low']}")
+    if spec.get("log") and spec.get("step"):
+        raise SweepError(f"{where}: `step` and `log` cannot be combined (Optuna)")
+
+
+def suggest(trial: optuna.Trial, space: dict) -> dict:
+    params = {}
+    for key, spec in space.items():
+        kind = spec["type"]
+        if kind == "categorical":
+            params[key] = trial.suggest_categorical(key, list(spec["choices"]))
+        elif kind == "int":
+            params[key] = trial.suggest_int(key, int(spec["low"]), int(spec["high"]), log=bool(spec.get("log")),
+                                            step=int(spec.get("step") or 1))
+        else:
+            params[key] = trial.suggest_float(key, float(spec["low"]), float(spec["high"]), log=bool(spec.get("log")),
+                                              step=spec.get("step") or None)
+    return params
+
+
+def grid(space: dict, points: int) -> dict:
+    """Grid values per parameter: the choices of a categorical, `points` values spanning a numeric range
+    (evenly in log space for a log parameter)."""
+    import numpy as np
+
+    out = {}
+    for key, spec in space.items():
+        if spec["type"] == "categorical":
+            out[key] = list(spec["choices"])
+            continue
+        low, high = float(spec["low"]), float(spec["high"])
+        values = np.geomspace(low, high, points) if spec.get("log") else np.linspace(low, high, points)
+        step = spec.get("step") or (1 if spec["type"] == "int" else None)
+        if step:  # a grid point off the parameter's step would be rejected by suggest_*
+            values = [min(high, low + round((v - low) / step) * step) for v in values]
+        cast = int if spec["type"] == "int" else float
+        out[key] = sorted({cast(v) for v in values})
+    return out
+
+
+# --- study ----------------------------------------------------------------------------------
+
+
+def study_name(exp: dict, space: dict, base_config: dict) -> str:
+    """A new study when anything that shapes the trials changes, so a rerun never mixes two sweeps."""
+    from tunewise.config import config_hash
+
+    sweep = exp["optimize"]["sweep"]
+    key = {k: sweep[k] for k in ("sampler", "pruner", "seed", "epochs", "grid_points")}
+    digest = hashlib.sha256(
+        json.dumps({"sweep": key, "space": space, "base": config_hash(base_config), "metric": exp["metric"]},
+                   sort_keys=True, default=str).encode()
+    ).hexdigest()[:10]
+    return f"tunewise-{exp['name']}-{digest}"
+
+
+def storage(url: str | None, journal: Path):
+    if url:
+        return url
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    journal.parent.mkdir(parents=True, exist_ok=True)
+    return JournalStorage(JournalFileBackend(str(journal)))
+
+
+def make_sampler(name: str, seed: int, space: dict, grid_points: int, slot: int = 0, attempt: int = 0):
+    """Every job builds its own sampler. Seeds that vary per slot keep parallel jobs from proposing the same
+    point; QMC keeps one seed, since its scrambling must be the same in every process."""
+    job_seed = seed + 1000 * slot + attempt
+    if name == "grid":
+        return optuna.samplers.GridSampler(grid(space, grid_points), seed=job_seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=job_seed)
+    if name == "qmc":
+        return optuna.samplers.QMCSampler(qmc_type="sobol", scramble=True, seed=seed, warn_independent_sampling=False)
+    if name == "tpe":
+        # Optuna 5's default is multivariate with a constant liar, which suits parallel trials
+        return optuna.samplers.TPESampler(seed=job_seed, n_startup_trials=max(2, min(10, len(space) + 1)))
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=job_seed, n_startup_trials=max(2, min(10, len(space) + 1)))
+    if name == "cmaes":
+        # CMA-ES handles float/int; categorical parameters fall back to independent random sampling
+        return optuna.samplers.CmaEsSampler(seed=job_seed, warn_independent_sampling=False, n_startup_trials=1)
+    raise SweepError(f"optimize.sweep.sampler: unknown sampler {name!r} (have: {', '.join(SAMPLERS)})")
+
+
+def make_pruner(name: str, epochs: int, n_trials: int):
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    if name == "median":
+        # at least two finished trials before a median means anything
+        return optuna.pruners.MedianPruner(n_startup_trials=max(2, min(5, n_trials // 4)),
+                                           n_warmup_steps=max(1, epochs // 4))
+    if name == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, epochs // 8), reduction_factor=3)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=max(1, epochs // 8), max_resource=epochs,
+                                              reduction_factor=3)
+    raise SweepError(f"optimize.sweep.pruner: unknown pruner {name!r} (have: {', '.join(PRUNERS)})")
+
+
+def open_study(exp: dict, space: dict, base_config: dict, journal: Path, slot: int = 0, attempt: int = 0,
+               epochs: int | None = None) -> optuna.Study:
+    sweep = exp["optimize"]["sweep"]
+    epochs = epochs or int(base_config["train"]["epochs"])
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna.create_study(
+        study_name=study_name(exp, space, base_config),
+        storage=storage(sweep.get("storage"), journal),
+        sampler=make_sampler(sweep["sampler"], int(sweep["seed"]), space, int(sweep["grid_points"]), slot, attempt),
+        pruner=make_pruner(sweep["pruner"], epochs, int(sweep["n_trials"])),
+        direction="maximize" if exp["metric"]["direction"] == "max" else "minimize",
+        load_if_exists=True,
+    )
+
+
+def slot_trials(study: optuna.Study, slot: int) -> list:
+    return [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("slot") == slot]
+
+
+def finished_trial(study: optuna.Study, slot: int):
+    """The slot's finished trial (complete, pruned, or failed for a reason of its own), if any."""
+    for t in slot_trials(study, slot):
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
+            return t
+        if t.state == TrialState.FAIL and t.user_attrs.get("fail_kind") in FINAL_FAILURES:
+            return t
+    return None
+
+
+def fail_stale(study: optuna.Study, slot: int) -> list[int]:
+    """Trials of this slot left RUNNING by a job that died without telling (SIGKILL, node lost): recorded as
+    failed, so the slot is re-asked. Only one job per slot runs at a time (Snakemake's output lock).
+    A failed trial without a `fail_kind` in FINAL_FAILURES counts as interrupted."""
+    stale = [t.number for t in slot_trials(study, slot) if t.state == TrialState.RUNNING]
+    for number in stale:
+        study.tell(number, state=TrialState.FAIL)
+    return stale
+
+
+def tell_failed(study: optuna.Study, trial: optuna.Trial, kind: str, reason: str) -> None:
+    trial.set_user_attr("fail_kind", kind)
+    trial.set_user_attr("reason", reason[:500])
+    study.tell(trial, state=TrialState.FAIL)
+
+
+def trial_config(base_config: dict, params: dict, epochs: int | None) -> dict:
+    from tunewise.config import set_dotted
+
+    config = copy.deepcopy(base_config)
+    for key, value in params.items():
+        set_dotted(config, key, value)
+    if epochs:
+        config["train"]["epochs"] = int(epochs)
+    return config
+
+
+class TrialReporter:
+    """Wraps the run's EpochReporter: reports the primary metric to the trial each epoch and raises Pruned
+    when the pruner says so (after the epoch's row and checkpoint are written)."""
+
+    def __init__(self, inner, trial: optuna.Trial, metric: str, last_step: int | None = None):
+        self.inner, self.trial, self.metric, self.last_step = inner, trial, metric, last_step
+
+    def epoch(self, step: int, row: dict) -> None:
+        from tunewise.trainers.base import Pruned
+
+        self.inner.epoch(step, row)
+        value = row.get(self.metric)
+        if value is None or not math.isfinite(value):
+            return
+        self.trial.report(float(value), step)
+        # pruning after the last epoch saves nothing and would throw away a finished trial
+        if (self.last_step is None or step < self.last_step) and self.trial.should_prune():
+            raise Pruned(f"pruned by the {type(self.trial.study.pruner).__name__} at step {step} ({self.metric} = {value:.4g})")
+
+    def replay(self, rows: list[dict]) -> None:
+        self.inner.replay(rows)
+
+
+# --- summary --------------------------------------------------------------------------------
+
+
+def trial_record(t, run_dir: Path) -> dict:
+    from tunewise.runs import RunDir
+
+    run = RunDir(run_dir)
+    metrics = {}
+    if run.metrics_path.exists():
+        metrics = json.loads(run.metrics_path.read_text())
+    value = t.value if t.state == TrialState.COMPLETE else (metrics.get("primary") or {}).get("best")
+    if value is None and t.intermediate_values:
+        value = t.intermediate_values[max(t.intermediate_values)]
+    return {
+        "slot": t.user_attrs.get("slot"),
+        "number": t.number,
+        "state": t.state.name,
+        "value": None if value is None or not math.isfinite(value) else float(value),
+        "params": dict(t.params),
+        "run_dir": str(run_dir),
+        "best_step": metrics.get("best_step"),
+        "epochs_run": metrics.get("epochs_run"),
+        "epochs_planned": metrics.get("epochs_planned"),
+        "reason": t.user_attrs.get("reason"),
+    }
+
+
+def summarise(study: optuna.Study, exp: dict, space: dict, trials_dir: Path, n_trials: int) -> dict:
+    """sweep.json: every slot's finished trial, the best complete one and parameter importances."""
+    records = []
+    for slot in range(n_trials):
+        t = finished_trial(study, slot)
+        if t is None:
+            raise SweepError(f"sweep slot {slot} of {exp['name']} has no finished trial; run its sweep_trial job")
+        records.append(trial_record(t, trials_dir / f"trial{slot}"))
+    complete = [r for r in records if r["state"] == "COMPLETE" and r["value"] is not None]
+    if not complete:
+        states = ", ".join(f"slot {r['slot']}: {r['state']} ({r['reason']})" for r in records)
+        raise SweepError(f"no sweep trial of {exp['name']} completed, so there is no best config: {states}")
+    higher = exp["metric"]["direction"] == "max"
+    best = max(complete, key=lambda r: r["value"] if higher else -r["value"])
+    return {
+        "experiment": exp["name"],
+        "study": study.study_name,
+        "metric": exp["metric"],
+        "sampler": exp["optimize"]["sweep"]["sampler"],
+        "pruner": exp["optimize"]["sweep"]["pruner"],
+        "n_trials": n_trials,
+        "space": space,
+        "trials": records,
+        "states": {s: sum(r["state"] == s for r in records) for s in ("COMPLETE", "PRUNED", "FAIL")},
+        "best": {k: best[k] for k in ("slot", "number", "value", "params", "run_dir")},
+        "importance": importance(study, [r["number"] for r in complete]),
+    }
+
+
+def importance(study: optuna.Study, numbers: list[int]) -> dict:
+    """fANOVA importances over the slots' complete trials; {} when there are too few to say anything."""
+    if len(numbers) < 3:
+        return {}
+    keep = set(numbers)
+    trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.number in keep]
+    varying = [k for k in trials[0].params if len({repr(t.params.get(k)) for t in trials}) > 1]
+    if not varying:
+        return {}
+    # evaluate on a study holding only these trials (earlier attempts must not count twice)
+    view = optuna.create_study(direction=study.direction)
+    view.add_trials(trials)
+    try:
+        result = optuna.importance.get_param_importances(
+            view, params=varying, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)
+        )
+    except (RuntimeError, ValueError):
+        return {}
+    return {k: float(v) for k, v in result.items()}
