@@ -38,12 +38,28 @@ def sweep_experiment(sampler: str, pruner: str, n_trials: int = N_TRIALS, trial_
     }
 
 
+# CI keeps to its time budget: every pair runs through the sweep and select_best; one also runs the
+# rest of the workflow (seeds, significance, finalize) on the sweep's best config.
+FULL = "sw_tpe_hyperband"
+
+
+def n_trials(exp: str) -> int:
+    return N_TRIALS if exp == FULL else 2
+
+
+def targets() -> list[str]:
+    return [f"results/{FULL}/final/final.json"] + [
+        f"results/sw_{s}_{p}/optimize/sweep/best.json" for s, p in PAIRS if f"sw_{s}_{p}" != FULL
+    ]
+
+
 @pytest.fixture(scope="module")
 def matrix(tmp_path_factory):
     work = tmp_path_factory.mktemp("sweeps")
-    cfg = {"experiments": {f"sw_{s}_{p}": sweep_experiment(s, p) for s, p in PAIRS}}
+    cfg = {"experiments": {f"sw_{s}_{p}": sweep_experiment(s, p, n_trials=n_trials(f"sw_{s}_{p}"))
+                           for s, p in PAIRS}}
     (work / "sweeps.yaml").write_text(yaml.safe_dump(cfg))
-    proc = snakemake(work, "--cores", "2", configfile=work / "sweeps.yaml")
+    proc = snakemake(work, "--cores", "2", *targets(), configfile=work / "sweeps.yaml")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return work
 
@@ -54,21 +70,24 @@ def test_each_sampler_and_pruner_runs_end_to_end(matrix, sampler, pruner):
     res = matrix / "results" / exp
     summary = json.loads((res / "optimize" / "sweep" / "sweep.json").read_text())
     assert (summary["sampler"], summary["pruner"]) == (sampler, pruner)
-    assert sorted(t["slot"] for t in summary["trials"]) == list(range(N_TRIALS))
-    assert len({t["number"] for t in summary["trials"]}) == N_TRIALS
+    assert sorted(t["slot"] for t in summary["trials"]) == list(range(n_trials(exp)))
+    assert len({t["number"] for t in summary["trials"]}) == n_trials(exp)
     assert summary["states"]["COMPLETE"] >= 1
     assert {c["id"] for c in summary["checks"]} >= {"failed_share", "trials_for_spread", "best_step"}
     best = json.loads((res / "optimize" / "sweep" / "best.json").read_text())
     complete = [t for t in summary["trials"] if t["state"] == "COMPLETE"]
     assert best["value"] == max(t["value"] for t in complete)
-    # best.yaml is the base config with the best trial's values, and the optimized seeds train exactly it
+    # best.yaml is the base config with the best trial's values
     best_cfg = yaml.safe_load((res / "optimize" / "sweep" / "best.yaml").read_text())
     assert best_cfg["model"]["hidden"] == best["params"]["model.hidden"]
     assert best_cfg["optim"]["lr"] == pytest.approx(best["params"]["optim.lr"])
-    seed_cfg = yaml.safe_load((res / "seeds" / "optimized" / "seed0" / "config.yaml").read_text())
-    assert seed_cfg == best_cfg
     trial_cfg = yaml.safe_load((Path(matrix) / best["run_dir"] / "config.yaml").read_text())
     assert trial_cfg["train"]["epochs"] == 4 and trial_cfg["model"] == best_cfg["model"]
+    if exp != FULL:
+        return
+    # the optimized seeds train exactly best.yaml, and the report carries the sweep
+    seed_cfg = yaml.safe_load((res / "seeds" / "optimized" / "seed0" / "config.yaml").read_text())
+    assert seed_cfg == best_cfg
     report = (matrix / "reports" / exp / "optimization_results.md").read_text()
     assert "## Sweep" in report and f"Sampler `{sampler}`, pruner `{pruner}`" in report
     assert f"{best['value']:.4g}" in report
@@ -79,7 +98,7 @@ def test_sweep_trials_are_children_of_the_sweep_run_in_mlflow(matrix):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{matrix / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("sw_tpe_hyperband")
+    exp = client.get_experiment_by_name(FULL)
     runs = client.search_runs([exp.experiment_id], max_results=200)
     parent = [r for r in runs if r.info.run_name == "sweep"]
     trials = [r for r in runs if r.data.tags.get("slot") is not None]
@@ -93,7 +112,7 @@ def test_sweep_trials_are_children_of_the_sweep_run_in_mlflow(matrix):
 
 def test_nothing_to_do_after_a_finished_sweep(matrix):
     cfg = matrix / "sweeps.yaml"
-    proc = snakemake(matrix, "-n", "--cores", "2", configfile=cfg)
+    proc = snakemake(matrix, "-n", "--cores", "2", *targets(), configfile=cfg)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Nothing to be done" in proc.stdout + proc.stderr
 
