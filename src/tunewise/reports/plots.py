@@ -15,6 +15,7 @@ import matplotlib
 matplotlib.use("Agg")  # reports are rendered by batch jobs with no display
 
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -270,8 +271,21 @@ def _param_axis(ax, key: str, spec: Mapping, choices: list | None, xs: Sequence[
     if choices is not None:
         ax.set_xticks(range(len(choices)), [str(c) for c in choices])
         ax.set_xlim(-0.5, len(choices) - 0.5)
-    elif spec.get("log") and all(x is None or x > 0 for x in xs):
-        ax.set_xscale("log")
+    else:
+        log = bool(spec.get("log")) and all(x is None or x > 0 for x in xs)
+        if log:
+            ax.set_xscale("log")
+            # ranges under a decade would otherwise get overlapping labels on the minor ticks
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        low, high = spec.get("low"), spec.get("high")
+        if isinstance(low, (int, float)) and isinstance(high, (int, float)) and high > low and (low > 0 or not log):
+            # the whole search range, so a best trial at its edge (the boundary check) is visible
+            if log:
+                pad = (high / low) ** 0.03
+                ax.set_xlim(low / pad, high * pad)
+            else:
+                pad = 0.03 * (high - low)
+                ax.set_xlim(low - pad, high + pad)
 
 
 def plot_param_axes(sweep: Mapping, path: Path) -> Path:
