@@ -6,7 +6,8 @@ import copy
 import pytest
 
 from tunewise.phases.diagnose import diagnose
-from tunewise.phases.recommend import apply_patch, get_dotted, recommend, set_dotted, to_patch
+from tunewise.config import get_dotted, set_dotted
+from tunewise.phases.recommend import apply_patch, recommend, to_patch
 
 KNOBS = {
     "lr": "optim.lr",

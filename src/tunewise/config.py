@@ -57,20 +57,25 @@ def deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
-def get_dotted(data: dict, key: str) -> Any:
-    node = data
+def get_dotted(config: dict, key: str) -> Any:
+    """`config["optim"]["lr"]` for `"optim.lr"`; KeyError naming the dotted key when the path is missing."""
+    node: Any = config
     for part in key.split("."):
         if not isinstance(node, dict) or part not in node:
-            raise KeyError(key)
+            raise KeyError(f"config has no key {key!r} (missing {part!r})")
         node = node[part]
     return node
 
 
-def set_dotted(data: dict, key: str, value: Any) -> None:
+def set_dotted(config: dict, key: str, value: Any) -> None:
+    """Set `"optim.lr"` in place, creating missing intermediate sections."""
     parts = key.split(".")
-    node = data
+    node = config
     for part in parts[:-1]:
-        node = node.setdefault(part, {})
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise TypeError(f"cannot set {key!r}: {part!r} holds {child!r}, not a section")
+        node = child
     node[parts[-1]] = value
 
 

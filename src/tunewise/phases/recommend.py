@@ -10,31 +10,11 @@ import copy
 import math
 from typing import Any
 
+from tunewise.config import get_dotted, set_dotted
+
 LEVELS = {"high": 0, "medium": 1, "low": 2}
 # for effort and risk, lower is better, so "low" ranks first
 COSTS = {"low": 0, "medium": 1, "high": 2}
-
-
-def get_dotted(config: dict, key: str) -> Any:
-    """`config["optim"]["lr"]` for `"optim.lr"`; KeyError naming the dotted key when the path is missing."""
-    node: Any = config
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            raise KeyError(f"config has no key {key!r} (missing {part!r})")
-        node = node[part]
-    return node
-
-
-def set_dotted(config: dict, key: str, value: Any) -> None:
-    """Set `"optim.lr"` in place, creating missing intermediate sections."""
-    parts = key.split(".")
-    node = config
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise TypeError(f"cannot set {key!r}: {part!r} holds {child!r}, not a section")
-        node = child
-    node[parts[-1]] = value
 
 
 def apply_patch(config: dict, patch: dict) -> dict:
