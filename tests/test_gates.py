@@ -96,3 +96,17 @@ def test_optimization_gate_when_optimization_was_skipped(tmp_path):
     checks = gates.optimization_checks(exp, reports, None)
     assert gates.passed(checks) == (True, [])
     assert sum(c["ok"] is None for c in checks) >= 4
+
+
+def test_diagnostics_gate_needs_recommendations_only_for_strategies_that_apply_them(tmp_path):
+    exp, reports = tmp_path / "results" / "e", tmp_path / "reports" / "e"
+    _run(exp / "baseline")
+    reports.mkdir(parents=True)
+    (reports / "diagnostic_report.md").write_text("# report")
+    for chosen, passes in (("sweep", True), ("targeted", False), ("iterative", False)):
+        _diag(exp, chosen=chosen, patch={})
+        checks = {c["label"]: c for c in gates.diagnostics_checks(exp, reports)}
+        assert gates.passed(list(checks.values()))[0] is passes, chosen
+        if chosen == "sweep":
+            assert "does not need any" in checks["diagnostic_report.md with recommendations"]["evidence"]
+            assert "start from" in checks["Phase 4 configuration preview"]["evidence"]

@@ -43,10 +43,15 @@ def diagnostics_checks(exp_dir: Path, reports_dir: Path) -> list[dict]:
     if diag is None:
         return checks
     recs = diag.get("recommendations", [])
+    chosen = diag["strategy"]["chosen"]
+    # targeted and iterative apply the recommendations; a sweep searches its own space and may start from
+    # an unchanged config, and `none` changes nothing
+    needs_recs = chosen in ("targeted", "iterative")
     checks.append(_check(
         "diagnostic_report.md with recommendations",
-        report.exists() and (len(recs) > 0 or diag["strategy"]["chosen"] == "none"),
-        f"{report.name} {'exists' if report.exists() else 'missing'}, {len(recs)} recommendations",
+        report.exists() and (len(recs) > 0 or not needs_recs),
+        f"{report.name} {'exists' if report.exists() else 'missing'}, {len(recs)} recommendations"
+        + ("" if recs or needs_recs else f" (strategy {chosen} does not need any)"),
     ))
     findings = diag.get("findings", [])
     with_numbers = [f for f in findings if any(isinstance(v, (int, float)) for v in f.get("evidence", {}).values())]
@@ -63,7 +68,10 @@ def diagnostics_checks(exp_dir: Path, reports_dir: Path) -> list[dict]:
     ))
     preview_ok = None
     evidence = "optimization skipped: no config change"
-    if diag["strategy"]["chosen"] != "none":
+    if chosen == "sweep" and not diag["patch"]:
+        preview_ok = opt_cfg.exists() or None
+        evidence = f"no recommended change: the sweep's trials start from {opt_cfg.name} = the baseline config"
+    elif chosen != "none":
         preview_ok = opt_cfg.exists()
         evidence = f"{opt_cfg.name} missing"
         if preview_ok:
@@ -93,7 +101,7 @@ def optimization_checks(exp_dir: Path, reports_dir: Path, optimize_run: Path | N
     opt_cfg = exp_dir / "diagnosis" / "optimization_config.yaml"
     checks.append(_check(
         "optimization_config.yaml created with Phase 3 recommendations",
-        None if skipped else (opt_cfg.exists() and len(diag.get("changes", [])) > 0),
+        None if skipped else (opt_cfg.exists() and (len(diag.get("changes", [])) > 0 or diag["strategy"]["chosen"] == "sweep")),
         "optimization skipped by the diagnosis" if skipped else f"{len(diag.get('changes', []))} changes in {opt_cfg}",
     ))
     run = RunDir(optimize_run) if optimize_run else None
