@@ -23,8 +23,10 @@ run: install  ## the whole workflow on the default config; prints the workflow's
 	echo "workflow time (without installation): $$(python3 -c "print(f'{$$(date +%s.%N) - $$start:.1f}')") s"; \
 	exit $$status
 
+# two workers, a test file each: the end-to-end files wait on Snakemake's serial steps much of the time
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 bench: install
 	$(PY) bench/run.py $(ARGS)

@@ -112,6 +112,22 @@ class Tracker:
         for i in range(0, len(items), 500):
             _retry(self.client.log_batch, run_id, metrics=items[i : i + 500])
 
+    def log_rows(self, run_id: str, rows: list[dict[str, Any]]) -> None:
+        """Many steps' metrics (each row has its `step`) in as few batches as MLflow allows."""
+        import math
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [
+            Metric(k, float(v), now, int(row["step"]))
+            for row in rows
+            for k, v in row.items()
+            if k != "step" and not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+        ]
+        for i in range(0, len(items), 1000):  # MLflow's log_batch limit
+            _retry(self.client.log_batch, run_id, metrics=items[i : i + 1000])
+
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
@@ -150,22 +166,39 @@ class Tracker:
 
 
 class EpochReporter:
-    """What a trainer's loop calls each epoch: logs the row to MLflow (history.csv is
-    written by the loop). A sweep's reporter subclasses this to raise Pruned."""
+    """What a trainer's loop calls each epoch: logs the row to MLflow (history.csv is written by the loop).
+    A sweep's reporter wraps this to raise Pruned.
 
-    def __init__(self, tracker: Tracker | None, run_id: str | None):
+    Rows are sent in batches, at most every `flush_every` seconds and on `flush()`: one SQLite transaction
+    per epoch made parallel jobs queue on the store's write lock. Nothing is lost by waiting: history.csv
+    holds every row, and `replay` sends what an interrupted run never flushed."""
+
+    def __init__(self, tracker: Tracker | None, run_id: str | None, flush_every: float = 5.0):
         self.tracker = tracker
         self.run_id = run_id
+        self.flush_every = flush_every
+        self._pending: list[dict] = []
+        self._last_flush = time.monotonic()
 
     def epoch(self, step: int, row: dict) -> None:
-        if self.tracker and self.run_id:
-            self.tracker.log_metrics(self.run_id, row, step)
+        if not (self.tracker and self.run_id):
+            return
+        self._pending.append({**row, "step": step})
+        if time.monotonic() - self._last_flush >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._pending and self.tracker and self.run_id:
+            self.tracker.log_rows(self.run_id, self._pending)
+        self._pending = []
+        self._last_flush = time.monotonic()
 
     def replay(self, rows: list[dict]) -> None:
         if not (self.tracker and self.run_id and rows):
             return
+        self.flush()
         key = next((k for k in rows[-1] if k not in ("step",)), None)
         done = self.tracker.max_logged_step(self.run_id, key) if key else 0
-        for row in rows:
-            if row["step"] > done:
-                self.tracker.log_metrics(self.run_id, row, row["step"])
+        missing = [row for row in rows if row["step"] > done]
+        if missing:
+            self.tracker.log_rows(self.run_id, missing)
