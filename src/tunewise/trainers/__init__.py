@@ -5,6 +5,7 @@ import importlib
 
 BUILTIN = {
     "latent": "tunewise.trainers.latent.trainer:LatentTrainer",
+    "textcaps": "tunewise.trainers.textcaps.trainer:TextCapsTrainer",
 }
 
 

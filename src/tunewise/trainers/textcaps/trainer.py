@@ -1,0 +1,561 @@
+"""The `textcaps` trainer (seed 001): GroupDRO over heterogeneous feature spaces with Gaussian latent anchors.
+
+Groups come from `data.groups`. In `mode: expand` a group is a view of every image (visual, text or
+combined), each with its own encoder phi_g into one shared latent space. In `mode: spurious` a group is
+a slice of the data (the generator's majority / minority), and by default every group goes through ONE
+shared encoder (`model.shared_encoder`): with one encoder per slice the model could key on the group
+instead of learning the core cues, and GroupDRO would have nothing to fix (measured on the generator).
+A shared head psi classifies the latents; Gaussian class anchors are fitted to the per-class batch
+moments (squared W2) and kept apart; the per-sample cross-entropy is averaged per group and weighted by
+GroupDRO's q. Primary metric: validation worst-group accuracy.
+
+The splits sit in memory as uint8 tensors; a batch is one tensor index (`TextCapsDataset.batch`) of the
+stratified sampler's plan, sorted by group on the host so per-group encoders get contiguous slices
+whose sizes are known without a device sync.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tunewise.train.optim import OPTIMIZERS, SCHEDULES
+from tunewise.trainers.textcaps import data as tc_data
+from tunewise.trainers.textcaps.anchors import SEP_METHODS, GaussianAnchors, anchor_losses, build_head
+from tunewise.trainers.textcaps.encoders import MODALITIES, backbone_prefixes, build_encoder
+from tunewise.trainers.textcaps.groupdro import OBJECTIVES, UPDATE_MODES, GroupDRO, group_mean_losses
+
+DEFAULT_DATA = {
+    "source": "embedded",  # embedded (the generator) | path (TextCaps JSON or parquet under data.path)
+    "path": None,
+    "generator": copy.deepcopy(tc_data.DEFAULT_GENERATOR),
+    # loader keys (tc_data.DEFAULT_LOADER)
+    "format": "auto",
+    "image_root": None,
+    "ocr_dir": None,
+    "num_classes": 10,
+    "classes": None,
+    "image_size": 64,
+    "threads": 1,
+    # groups: spurious = the generator's slices through one shared encoder; expand = one sample per image
+    # per group, e.g. [{name: image, modality: visual}, {name: text, modality: text}, {name: both, modality: combined}]
+    "mode": "spurious",
+    "groups": [{"name": "majority"}, {"name": "minority"}],
+    "text_source": "ocr",  # ocr | caption | both
+    "max_len": 48,
+    "augment": 0.0,  # random translation of train images by up to this fraction of the image size
+}
+
+DEFAULT_CONFIG = {
+    "data": DEFAULT_DATA,
+    "model": {
+        "latent_dim": 64,
+        "head_hidden": 64,  # 0: linear head
+        "dropout": 0.1,
+        "visual": {"encoder": "small_cnn", "width": 16},  # resnet18 | resnet34 | small_cnn (+ weights: none|<path>)
+        "text": {"encoder": "mlp_text"},  # mlp_text | char_cnn_text | transformer_text
+        "fusion": "concat",  # combined encoders: concat | sum
+        "shared_encoder": "combined",  # one encoder of this modality for every group; null: one per group
+    },
+    "anchors": {
+        "enabled": True,
+        "anchor_eps": 1e-4,
+        "lambda_fit": 1e-3,
+        "lambda_sep": 1e-3,
+        "sep_method": "classifier",  # classifier | w2_margin
+        "sep_samples_per_class": 16,
+        "margin": 1.0,  # w2_margin only
+    },
+    "groupdro": {
+        "enabled": True,
+        "eta": 0.01,
+        "gamma": 0.9,
+        "update_mode": "exp_smooth",  # plain | exp_smooth
+        "adjustment": 0.0,  # C in C / sqrt(n_g)
+        "warmup_epochs": 2,
+        "objective": "weighted",  # weighted | max
+    },
+    "optim": {
+        "name": "adam",
+        "lr": 1e-3,
+        "lr_backbone": None,  # pretrainable trunks (ResNet, or a trunk loaded from a path); null: lr
+        "lr_new": None,  # everything else; null: lr
+        "weight_decay": 1e-4,
+        "momentum": 0.9,
+        "param_groups": {},
+    },
+    "schedule": {"name": "none", "warmup_epochs": 0, "lr_end_factor": 0.01, "step_size": 10, "gamma": 0.1, "patience": 3},
+    "train": {
+        "epochs": 12,
+        "batch_size": 64,
+        "grad_clip": 1.0,
+        "patience": None,
+        "min_delta": 0.0,
+        "amp": "auto",
+        "workers": 0,  # DataLoader workers gathering batches (0: in the training process)
+        "eval_train_samples": 1000,  # train metrics on a fixed subset: the gap needs them, not all rows
+        "eval_batch_size": 500,
+    },
+}
+
+
+def metric_name(text: str) -> str:
+    """A class or group name as a metric-name part ("Mobile phone" -> "mobile_phone")."""
+    return re.sub(r"[^0-9a-z_.-]+", "_", str(text).lower()).strip("_") or "unnamed"
+
+
+def _group_has_own_spec(group: dict) -> bool:
+    return bool(set(group) - {"name", "modality"})
+
+
+def encoder_spec(modality: str, model_cfg: dict, name: str) -> dict:
+    """The build_encoder spec of a modality from model.visual / model.text / model.fusion."""
+    if modality == "visual":
+        return {"name": name, "modality": "visual", **model_cfg["visual"]}
+    if modality == "text":
+        return {"name": name, "modality": "text", **model_cfg["text"]}
+    if modality == "combined":
+        return {"name": name, "modality": "combined", "fusion": model_cfg.get("fusion", "concat"),
+                "visual": dict(model_cfg["visual"]), "text": dict(model_cfg["text"])}
+    raise ValueError(f"modality: expected one of {', '.join(MODALITIES)}, got {modality!r}")
+
+
+class TextCapsModel(nn.Module):
+    """Encoders (one shared, or one per group), the shared head and the class anchors."""
+
+    def __init__(self, encoders: Sequence[nn.Module], modalities: Sequence[str], head: nn.Module,
+                 anchors: GaussianAnchors | None):
+        super().__init__()
+        self.encoders = nn.ModuleList(encoders)
+        self.modalities = list(modalities)
+        self.head = head
+        self.anchors = anchors
+
+    @property
+    def shared(self) -> bool:
+        return len(self.encoders) == 1
+
+    @staticmethod
+    def _inputs(modality: str, images: torch.Tensor, texts: torch.Tensor):
+        if modality == "visual":
+            return images
+        if modality == "text":
+            return texts
+        return images, texts
+
+    def encode(self, images: torch.Tensor, texts: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+        """Latents [B, d] of a batch sorted by group, `counts` samples per group (host ints)."""
+        if self.shared:
+            return self.encoders[0](self._inputs(self.modalities[0], images, texts))
+        parts, start = [], 0
+        for g, n in enumerate(counts):
+            if n:
+                sl = slice(start, start + n)
+                parts.append(self.encoders[g](self._inputs(self.modalities[g], images[sl], texts[sl])))
+            start += n
+        return torch.cat(parts)
+
+    def forward(self, images, texts, counts):
+        z = self.encode(images, texts, counts)
+        return z, self.head(z)
+
+
+def build_model(config: dict, n_classes: int, device=None) -> TextCapsModel:
+    m, groups = config["model"], config["data"]["groups"]
+    latent, dropout = int(m["latent_dim"]), float(m["dropout"])
+    channels_last = device is not None and torch.device(device).type == "cuda"
+    kw = {"vocab_size": tc_data.VOCAB_SIZE, "max_len": int(config["data"]["max_len"]), "channels_last": channels_last}
+    if m.get("shared_encoder"):
+        modalities = [m["shared_encoder"]]
+        specs = [encoder_spec(m["shared_encoder"], m, "model.shared_encoder")]
+    else:
+        modalities = [g["modality"] for g in groups]
+        specs = [g if _group_has_own_spec(g) else encoder_spec(g["modality"], m, g["name"]) for g in groups]
+    encoders = [build_encoder(spec, latent, dropout, **kw) for spec in specs]
+    head = build_head(latent, n_classes, int(m["head_hidden"]), dropout)
+    a = config["anchors"]
+    anchors = GaussianAnchors(n_classes, latent, float(a["anchor_eps"])) if a["enabled"] else None
+    return TextCapsModel(encoders, modalities, head, anchors)
+
+
+def optim_config(config: dict, model: nn.Module) -> dict:
+    """config["optim"] with seed 001's differential learning rates turned into prefix parameter groups."""
+    o = copy.deepcopy(config["optim"])
+    if o.get("lr_new") is not None:
+        o["lr"] = float(o["lr_new"])
+    if o.get("lr_backbone") is not None:
+        groups = dict(o.get("param_groups") or {})
+        for prefix in backbone_prefixes(model):
+            groups.setdefault(prefix, {"lr": float(o["lr_backbone"])})
+        o["param_groups"] = groups
+    return o
+
+
+def _translate(images: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Each image moved by its own random (dy, dx) in [-shift, shift], edges replicated; float in [0, 1]."""
+    b, _, h, w = images.shape
+    x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+    d = torch.randint(-shift, shift + 1, (2, b), generator=generator).to(images.device)
+    padded = F.pad(x, (shift, shift, shift, shift), mode="replicate")
+    rows = torch.arange(h, device=images.device)[None, :] + d[0][:, None] + shift  # [B, H]
+    cols = torch.arange(w, device=images.device)[None, :] + d[1][:, None] + shift  # [B, W]
+    bi = torch.arange(b, device=images.device)[:, None, None]
+    out = padded.permute(0, 2, 3, 1)[bi, rows[:, :, None], cols[:, None, :]]  # [B, H, W, C]
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+class _Plan(torch.utils.data.Dataset):
+    """One epoch's batches as a dataset of batches, so DataLoader workers can gather them."""
+
+    def __init__(self, dataset: tc_data.TextCapsDataset, batches: list[list[int]]):
+        self.dataset, self.batches = dataset, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int):
+        return sorted_batch(self.dataset, self.batches[i])
+
+
+def sorted_batch(dataset: tc_data.TextCapsDataset, indices) -> tuple:
+    """dataset.batch of the indices sorted by group, plus the per-group counts (host tensor)."""
+    idx = torch.as_tensor(indices, dtype=torch.int64)
+    idx = idx[torch.argsort(dataset.groups[idx], stable=True)]
+    images, texts, labels, groups = dataset.batch(idx)
+    counts = torch.bincount(groups, minlength=len(dataset.group_names))
+    return images, texts, labels, groups, counts
+
+
+class TextCapsTrainer:
+    name = "textcaps"
+    primary_metric = "val/worst_group_acc"
+    direction = "max"
+    knobs = {
+        "lr": "optim.lr",
+        "lr_backbone": "optim.lr_backbone",
+        "weight_decay": "optim.weight_decay",
+        "dropout": "model.dropout",
+        "epochs": "train.epochs",
+        "batch_size": "train.batch_size",
+        "capacity": ["model.latent_dim", "model.head_hidden"],
+        "scheduler": "schedule.name",
+        "warmup": "schedule.warmup_epochs",
+        "grad_clip": "train.grad_clip",
+        "patience": "train.patience",
+        "augmentation": "data.augment",
+        "groupdro_eta": "groupdro.eta",
+        "groupdro_warmup": "groupdro.warmup_epochs",
+        "lambda_fit": "anchors.lambda_fit",
+        "lambda_sep": "anchors.lambda_sep",
+        "text_encoder": "model.text.encoder",
+    }
+    # encoder specs carry encoder-specific keys (width, weights, hidden, channels, ...): build_encoder checks them
+    open_config_keys = {"optim.param_groups", "model.visual", "model.text", "data.classes"}
+
+    def default_config(self) -> dict:
+        return copy.deepcopy(DEFAULT_CONFIG)
+
+    # --- config ---------------------------------------------------------------------------------
+    def check_config(self, config: dict) -> None:
+        data, m, a, dro = config["data"], config["model"], config["anchors"], config["groupdro"]
+        if data["source"] not in ("embedded", "path"):
+            raise ValueError(f"data.source: expected 'embedded' or 'path', got {data['source']!r}")
+        if data["source"] == "path":
+            if not data.get("path"):
+                raise ValueError("data.path: required when data.source is 'path'")
+            if not Path(data["path"]).exists():
+                raise FileNotFoundError(f"data.path: not found: {data['path']}")
+        tc_data.resolve_generator_config(data.get("generator"))
+        tc_data.resolve_loader_config(data)
+        if data["mode"] not in tc_data.MODES:
+            raise ValueError(f"data.mode: expected one of {tc_data.MODES}, got {data['mode']!r}")
+        if data["text_source"] not in tc_data.TEXT_SOURCES:
+            raise ValueError(f"data.text_source: expected one of {tc_data.TEXT_SOURCES}, got {data['text_source']!r}")
+        if int(data["max_len"]) < 1:
+            raise ValueError(f"data.max_len: must be >= 1, got {data['max_len']}")
+        if not 0.0 <= float(data["augment"]) < 0.5:
+            raise ValueError(f"data.augment: must be in [0, 0.5), got {data['augment']}")
+        groups = data["groups"]
+        if not isinstance(groups, list) or not groups or not all(isinstance(g, dict) and g.get("name") for g in groups):
+            raise ValueError("data.groups: a non-empty list of {name, modality, ...} entries is required")
+        names = [str(g["name"]) for g in groups]
+        if len(set(names)) != len(names):
+            raise ValueError(f"data.groups: names must be unique, got {names}")
+        shared = m.get("shared_encoder")
+        if shared is not None and shared not in MODALITIES:
+            raise ValueError(f"model.shared_encoder: expected one of {', '.join(MODALITIES)} or null, got {shared!r}")
+        if data["mode"] == "expand" and shared is not None:
+            raise ValueError("model.shared_encoder: expand mode gives each group its own view and encoder; set it to null")
+        if shared is None:
+            for g in groups:
+                if g.get("modality") not in MODALITIES:
+                    raise ValueError(
+                        f"data.groups[{g['name']}].modality: expected one of {', '.join(MODALITIES)} "
+                        f"(each group has its own encoder when model.shared_encoder is null), got {g.get('modality')!r}"
+                    )
+        for key in ("latent_dim",):
+            if int(m[key]) < 1:
+                raise ValueError(f"model.{key}: must be >= 1, got {m[key]}")
+        if int(m["head_hidden"]) < 0:
+            raise ValueError(f"model.head_hidden: must be >= 0, got {m['head_hidden']}")
+        if not 0.0 <= float(m["dropout"]) < 1.0:
+            raise ValueError(f"model.dropout: must be in [0, 1), got {m['dropout']}")
+        if a["sep_method"] not in SEP_METHODS:
+            raise ValueError(f"anchors.sep_method: expected one of {', '.join(SEP_METHODS)}, got {a['sep_method']!r}")
+        for key in ("anchor_eps", "lambda_fit", "lambda_sep", "margin"):
+            if float(a[key]) < 0:
+                raise ValueError(f"anchors.{key}: must be >= 0, got {a[key]}")
+        if int(a["sep_samples_per_class"]) < 1:
+            raise ValueError(f"anchors.sep_samples_per_class: must be >= 1, got {a['sep_samples_per_class']}")
+        if dro["update_mode"] not in UPDATE_MODES:
+            raise ValueError(f"groupdro.update_mode: expected one of {', '.join(UPDATE_MODES)}, got {dro['update_mode']!r}")
+        if dro["objective"] not in OBJECTIVES:
+            raise ValueError(f"groupdro.objective: expected one of {', '.join(OBJECTIVES)}, got {dro['objective']!r}")
+        if float(dro["eta"]) < 0:
+            raise ValueError(f"groupdro.eta: must be >= 0, got {dro['eta']}")
+        if not 0.0 <= float(dro["gamma"]) < 1.0:
+            raise ValueError(f"groupdro.gamma: must be in [0, 1), got {dro['gamma']}")
+        if int(dro["warmup_epochs"]) < 0:
+            raise ValueError(f"groupdro.warmup_epochs: must be >= 0, got {dro['warmup_epochs']}")
+        if config["optim"]["name"] not in OPTIMIZERS:
+            raise ValueError(f"optim.name: expected one of {', '.join(OPTIMIZERS)}, got {config['optim']['name']!r}")
+        for key in ("lr", "lr_backbone", "lr_new"):
+            value = config["optim"].get(key)
+            if (value is not None or key == "lr") and float(value) <= 0:
+                raise ValueError(f"optim.{key}: must be > 0, got {value}")
+        if config["schedule"]["name"] not in SCHEDULES:
+            raise ValueError(f"schedule.name: expected one of {', '.join(SCHEDULES)}, got {config['schedule']['name']!r}")
+        for key in ("epochs", "batch_size", "eval_batch_size"):
+            if int(config["train"][key]) < 1:
+                raise ValueError(f"train.{key}: must be >= 1, got {config['train'][key]}")
+        if int(config["train"]["workers"]) < 0:
+            raise ValueError(f"train.workers: must be >= 0, got {config['train']['workers']}")
+        # the encoder specs: build them once (cheap, no weights are downloaded) so a typo fails here
+        try:
+            with torch.random.fork_rng(devices=[]):  # a check must not move the caller's RNG
+                build_model(config, 2)
+        except (ValueError, FileNotFoundError) as e:
+            where = "model.shared_encoder" if shared else "data.groups"
+            raise type(e)(f"{where} / model.visual / model.text: {e}") from None
+
+    def search_space(self) -> dict:
+        return {
+            "optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+            "optim.weight_decay": {"type": "float", "low": 1e-6, "high": 1e-2, "log": True},
+            "model.dropout": {"type": "float", "low": 0.0, "high": 0.5},
+            "groupdro.eta": {"type": "float", "low": 1e-3, "high": 1e-1, "log": True},
+            "groupdro.warmup_epochs": {"type": "int", "low": 0, "high": 5},
+            "anchors.lambda_fit": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True},
+            "train.batch_size": {"type": "categorical", "choices": [32, 64, 128]},
+        }
+
+    def prepare_data(self, data_cfg: dict, out_dir: Path, threads: int) -> dict:
+        if data_cfg["source"] == "embedded":
+            meta = tc_data.generate(Path(out_dir), data_cfg.get("generator"))
+            return {
+                "source": "embedded",
+                "n_rows": sum(int(s["n_images"]) for s in meta["splits"].values()),
+                "fingerprint": meta["fingerprint"],
+                "classes": meta["classes"],
+                "splits": meta["splits"],
+            }
+        root = Path(data_cfg["path"] or "")
+        if not data_cfg.get("path") or not root.exists():
+            raise FileNotFoundError(f"data.path: not found: {data_cfg.get('path')}")
+        # a real dataset is read where it lies; the class list is cheap and catches a wrong layout now
+        classes = tc_data.top_classes(root, data_cfg)
+        return {"source": "path", "path": str(root), "classes": classes}
+
+    # --- data -----------------------------------------------------------------------------------
+    @staticmethod
+    def _root(config: dict) -> Path:
+        data = config["data"]
+        if data["source"] == "path":
+            return Path(data["path"])
+        if not data.get("prepared_dir"):
+            raise ValueError("data.prepared_dir: not set (prepare the data first)")
+        return Path(data["prepared_dir"])
+
+    def _datasets(self, config: dict, splits: Sequence[str]) -> dict[str, tc_data.TextCapsDataset]:
+        data = config["data"]
+        records = tc_data.load_splits(self._root(config), data, splits)
+        return {
+            s: tc_data.TextCapsDataset(r, data["groups"], data["mode"], data["text_source"], int(data["max_len"]))
+            for s, r in records.items()
+        }
+
+    # --- metrics --------------------------------------------------------------------------------
+    @staticmethod
+    def _predict(model: TextCapsModel, ds: tc_data.TextCapsDataset, indices: torch.Tensor, device,
+                 batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits float [n, C] on host, labels, groups, per-sample CE) in batches, in the index order given."""
+        logits, labels, groups = [], [], []
+        for i in range(0, len(indices), batch_size):
+            images, texts, y, g, counts = sorted_batch(ds, indices[i : i + batch_size])
+            _, out = model(images.to(device, non_blocking=True), texts.to(device, non_blocking=True), counts.tolist())
+            logits.append(out.float().cpu())
+            labels.append(y)
+            groups.append(g)
+        logits, labels, groups = torch.cat(logits), torch.cat(labels), torch.cat(groups)
+        return logits, labels, groups, F.cross_entropy(logits, labels, reduction="none")
+
+    @staticmethod
+    def _split_metrics(prefix: str, logits, labels, groups, losses, group_names, classes, by_group_class: bool) -> dict:
+        correct = (logits.argmax(1) == labels).double()
+        out = {f"{prefix}/loss": float(losses.mean()), f"{prefix}/acc": float(correct.mean())}
+        accs = []
+        for g, name in enumerate(group_names):
+            mask = groups == g
+            value = float(correct[mask].mean()) if mask.any() else float("nan")
+            out[f"{prefix}/acc/{metric_name(name)}"] = value
+            if mask.any():
+                accs.append(value)
+        # worst and average over the groups present in the split
+        out[f"{prefix}/worst_group_acc"] = min(accs) if accs else float("nan")
+        out[f"{prefix}/avg_acc"] = sum(accs) / len(accs) if accs else float("nan")
+        for c, cname in enumerate(classes):
+            mask = labels == c
+            out[f"{prefix}/class_acc/{metric_name(cname)}"] = float(correct[mask].mean()) if mask.any() else float("nan")
+        if by_group_class:
+            for g, name in enumerate(group_names):
+                for c, cname in enumerate(classes):
+                    mask = (groups == g) & (labels == c)
+                    out[f"{prefix}/acc/{metric_name(name)}/{metric_name(cname)}"] = (
+                        float(correct[mask].mean()) if mask.any() else float("nan")
+                    )
+        return out
+
+    # --- training -------------------------------------------------------------------------------
+    def run(self, config: dict, seed: int, run, reporter, device, metric: dict, progress: bool | None = None) -> dict:
+        from tunewise.train.loop import fit
+        from tunewise.train.seed import epoch_generator, seed_everything
+
+        self.check_config(config)
+        seed_everything(seed)
+        datasets = self._datasets(config, ("train", "val"))
+        train_ds, val_ds = datasets["train"], datasets["val"]
+        names, classes = train_ds.group_names, train_ds.classes
+        n_groups = len(names)
+        model = build_model(config, len(classes), device).to(device)
+        tcfg, a, d = config["train"], config["anchors"], config["groupdro"]
+        dro = GroupDRO(
+            n_groups, eta=float(d["eta"]), gamma=float(d["gamma"]), update_mode=d["update_mode"],
+            objective=d["objective"], warmup_epochs=int(d["warmup_epochs"]), adjustment=float(d["adjustment"]),
+            group_sizes=train_ds.group_counts() if float(d["adjustment"]) else None,
+            enabled=bool(d["enabled"]), device=device,
+        )
+        last = run.load_checkpoint("last.pt")
+        if last is not None and "groupdro" in last:
+            dro.load_state_dict(last["groupdro"])  # fit restores the rest; q must continue where it was
+
+        batch_size = int(tcfg["batch_size"])
+        sampler = tc_data.StratifiedGroupSampler(train_ds.groups, batch_size, seed=seed)
+        steps = len(sampler)
+        workers = int(tcfg["workers"])
+        pin = torch.device(device).type == "cuda"
+        shift = int(round(float(config["data"]["augment"]) * int(train_ds.images.shape[-1])))
+        lambda_fit, lambda_sep = float(a["lambda_fit"]), float(a["lambda_sep"])
+        use_anchors = model.anchors is not None and (lambda_fit > 0 or lambda_sep > 0)
+        sums: dict[str, torch.Tensor] = {}
+        state = {"augment_gen": None}
+
+        def batches(epoch: int) -> Iterator:
+            dro.set_epoch(epoch)
+            # shifts from a generator of (seed, epoch): a resumed run augments like an uninterrupted one
+            state["augment_gen"] = epoch_generator(seed + 7919, epoch)
+            plan = sampler.plan(epoch)
+            if workers > 0:
+                loader = torch.utils.data.DataLoader(
+                    _Plan(train_ds, plan), batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin,
+                    persistent_workers=False,
+                )
+                yield from loader
+            else:
+                for indices in plan:
+                    yield sorted_batch(train_ds, indices)
+
+        def step(batch):
+            images, texts, y, g, counts = batch
+            images = images.to(device, non_blocking=True)
+            if shift > 0:
+                images = _translate(images, shift, state["augment_gen"])
+            texts, y, g = (t.to(device, non_blocking=True) for t in (texts, y, g))
+            z, logits = model(images, texts, counts.tolist())
+            ce = F.cross_entropy(logits.float(), y, reduction="none")
+            per_group, group_counts = group_mean_losses(ce, g, n_groups)
+            loss = dro.step(per_group, group_counts)
+            parts = {"ce": ce.detach().mean()}
+            if use_anchors:
+                al = anchor_losses(
+                    z, y, model.anchors, model.head, a["sep_method"], int(a["sep_samples_per_class"]), float(a["margin"])
+                )
+                loss = loss + lambda_fit * al["fit"] + lambda_sep * al["sep"]
+                parts.update(anchor_fit=al["fit"].detach(), anchor_sep=al["sep"].detach())
+            for k, v in parts.items():  # summed on the device: no sync per step
+                sums[k] = sums.get(k, 0.0) + v.double()
+            sums["_steps"] = sums.get("_steps", 0.0) + 1.0
+            return loss, int(y.shape[0])
+
+        # a fixed subset of train samples (all groups): train metrics for the gap, not every row
+        n_eval = min(int(tcfg["eval_train_samples"]), len(train_ds))
+        g_eval = torch.Generator().manual_seed(seed)
+        eval_sets = {
+            "train": (train_ds, torch.randperm(len(train_ds), generator=g_eval)[:n_eval].sort().values),
+            "val": (val_ds, torch.arange(len(val_ds))),
+        }
+        eval_bs = int(tcfg["eval_batch_size"])
+
+        def evaluate() -> dict:
+            out = {}
+            steps_done = float(sums.pop("_steps", 1.0)) or 1.0
+            for k, v in sums.items():
+                out[f"train/{k}"] = float(v) / steps_done
+            sums.clear()
+            for split, (ds, idx) in eval_sets.items():
+                logits, labels, groups, losses = self._predict(model, ds, idx, device, eval_bs)
+                out.update(self._split_metrics(split, logits, labels, groups, losses, names, classes, split == "val"))
+            out.update({f"q/{metric_name(k.split('/', 1)[1])}": v for k, v in dro.log_values(names).items()})
+            return out
+
+        fit_config = {**config, "optim": optim_config(config, model)}
+        result = fit(
+            model=model,
+            config=fit_config,
+            run=run,
+            reporter=reporter,
+            device=device,
+            seed=seed,
+            train_batches=batches,
+            steps_per_epoch=steps,
+            train_step=step,
+            evaluate=evaluate,
+            primary=metric["name"],
+            direction=metric["direction"],
+            progress=progress,
+            extra_state=lambda: {"groupdro": dro.state_dict()},
+        )
+        result.metrics["n_train"] = len(train_ds)
+        result.metrics["group_counts"] = dict(zip(names, train_ds.group_counts()))
+        result.metrics["data_summary"] = {s: ds.records.summary for s, ds in datasets.items()}
+        return result.metrics
+
+    def evaluate_test(self, config: dict, checkpoint: Path, device) -> dict:
+        from tunewise.runs import load_checkpoint
+
+        test = self._datasets(config, ("test",))["test"]
+        model = build_model(config, len(test.classes), device).to(device)
+        model.load_state_dict(load_checkpoint(checkpoint, map_location=device)["model"])
+        model.eval()
+        with torch.no_grad():
+            logits, labels, groups, losses = self._predict(
+                model, test, torch.arange(len(test)), device, int(config["train"]["eval_batch_size"])
+            )
+        out = self._split_metrics("test", logits, labels, groups, losses, test.group_names, test.classes, True)
+        out["test/n"] = len(test)
+        return out
