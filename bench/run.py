@@ -186,8 +186,14 @@ def bench_trust() -> list[dict]:
     return run()
 
 
+def bench_groupdro() -> list[dict]:
+    from textcaps_bench import bench_groupdro as run
+
+    return run()
+
+
 ENTRIES = {"loop": bench_loop, "job": bench_job, "sweep": bench_sweep, "parallel": bench_parallel,
-           "trust": bench_trust}
+           "trust": bench_trust, "groupdro": bench_groupdro}
 
 
 def main() -> int:
