@@ -23,10 +23,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
+from table import row  # noqa: E402  (bench/ is the script's own folder)
+
 
 def _row(entry, what, a, b, unit, goal=None, ok=None):
-    return {"entry": entry, "what": what, "a": f"{a:.3f} {unit}", "b": f"{b:.3f} {unit}",
-            "ratio": a / b, "goal": goal or "-", "ok": "-" if ok is None else ("yes" if ok else "NO")}
+    return row(entry, what, a, b, unit, goal, ok, fmt=".3f")
 
 
 # --- loop: the shared fit loop vs a plain PyTorch loop ------------------------------------------
@@ -77,16 +78,10 @@ def _fit_loop(data, cfg, seed, run_dir):
     import torch
 
     from tunewise.runs import RunDir
+    from tunewise.tracking import EpochReporter
     from tunewise.train.loop import fit
     from tunewise.train.seed import epoch_generator
     from tunewise.trainers.latent.model import LatentModel, multitask_loss, regression_metrics
-
-    class Null:
-        def epoch(self, step, row):
-            pass
-
-        def replay(self, rows):
-            pass
 
     torch.manual_seed(seed)
     xt, yt, xv, yv = data
@@ -116,7 +111,7 @@ def _fit_loop(data, cfg, seed, run_dir):
             out.update({f"{split}/{k}": v for k, v in regression_metrics(preds, y, ["a", "b", "c", "d"]).items()})
         return out
 
-    fit(model=model, config=cfg, run=run, reporter=Null(), device=torch.device("cpu"), seed=seed,
+    fit(model=model, config=cfg, run=run, reporter=EpochReporter(None, None), device=torch.device("cpu"), seed=seed,
         train_batches=batches, steps_per_epoch=(len(xt) + bs - 1) // bs, train_step=step, evaluate=evaluate,
         primary="val/r2_mean", direction="max", progress=False)
 

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import yaml
+from table import row
 
 REPO = Path(__file__).resolve().parents[1]
 EXP = {
@@ -29,22 +30,7 @@ EXP = {
 }
 
 
-def _row(entry, what, a, b, unit, goal=None, ok=None):
-    return {"entry": entry, "what": what, "a": f"{a:.4g} {unit}", "b": f"{b:.4g} {unit}",
-            "ratio": a / b if b else float("nan"), "goal": goal or "-",
-            "ok": "-" if ok is None else ("yes" if ok else "NO")}
-
-
 # --- sweep: TPE + pruning vs random search ------------------------------------------------------
-
-
-class _Null:
-    def epoch(self, step, row):
-        pass
-
-    def replay(self, rows):
-        pass
-
 
 def _experiment(tmp: Path) -> tuple[dict, object]:
     from tunewise.config import resolve_experiment, validate_schema
@@ -66,6 +52,7 @@ def _study(exp, trainer, sampler: str, pruner: str, seed: int, n_trials: int, tm
 
     from tunewise.phases import sweep
     from tunewise.runs import RunDir
+    from tunewise.tracking import EpochReporter
     from tunewise.trainers.base import Pruned
 
     space = sweep.resolve_space(trainer.search_space(), {"model.hidden": {"type": "categorical", "choices": [32, 64, 128]}})
@@ -79,7 +66,7 @@ def _study(exp, trainer, sampler: str, pruner: str, seed: int, n_trials: int, tm
         config = sweep.trial_config(exp["baseline"], sweep.suggest(trial, space), None)
         run = RunDir(tmp / f"{sampler}-{seed}-{i}")
         run.start(config, 0)
-        reporter = sweep.TrialReporter(_Null(), trial, exp["metric"]["name"], epochs)
+        reporter = sweep.TrialReporter(EpochReporter(None, None), trial, exp["metric"]["name"], epochs)
         try:
             metrics = trainer.run(config, 0, run, reporter, torch.device("cpu"), exp["metric"], progress=False)
             study.tell(trial, metrics["primary"]["best"])
@@ -106,9 +93,9 @@ def bench_sweep(seeds=(0, 1, 2), n_trials: int = 16) -> list[dict]:
     epochs = {k: statistics.mean(v[1] for v in vals) for k, vals in results.items()}
     per_seed = ", ".join(f"seed {s}: {t[0]:.3f}/{r[0]:.3f}" for s, t, r in zip(seeds, results["tpe"], results["random"]))
     return [
-        _row("sweep", f"best val/r2_mean, TPE+median vs random, {n_trials} trials, mean of {len(seeds)} study seeds "
+        row("sweep", f"best val/r2_mean, TPE+median vs random, {n_trials} trials, mean of {len(seeds)} study seeds "
                       f"({per_seed})", best["tpe"], best["random"], "", ">= 1.00x", best["tpe"] >= best["random"]),
-        _row("sweep", "trial-epochs spent, TPE+median vs random (same budget)", epochs["tpe"], epochs["random"],
+        row("sweep", "trial-epochs spent, TPE+median vs random (same budget)", epochs["tpe"], epochs["random"],
              "epochs", "< 1.00x", epochs["tpe"] < epochs["random"]),
     ]
 
@@ -144,6 +131,6 @@ def bench_parallel(n_trials: int = 4, trial_epochs: int = 25, rows: int = 8000) 
             _snakemake(work, config, "--cores", "2", "results/par/gates/diagnostics.json")  # not timed
             times[cores] = _snakemake(work, config, "--cores", str(cores), target)
     ratio = times[2] / times[1]
-    return [_row("parallel", f"{n_trials}-trial CPU sweep (threads 1, {rows} rows, {trial_epochs} epochs/trial, "
+    return [row("parallel", f"{n_trials}-trial CPU sweep (threads 1, {rows} rows, {trial_epochs} epochs/trial, "
                              f"+ select_best): --cores 2 vs --cores 1",
                  times[2], times[1], "s", "<= 0.65x", ratio <= 0.65)]

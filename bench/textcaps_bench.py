@@ -21,10 +21,7 @@ if str(REPO / "src") not in sys.path:
 
 SEEDS = (0, 1, 2)
 
-
-def _row(entry, what, a, b, goal=None, ok=None):
-    return {"entry": entry, "what": what, "a": f"{a:.3f}", "b": f"{b:.3f}", "ratio": a / b if b else float("nan"),
-            "goal": goal or "-", "ok": "-" if ok is None else ("yes" if ok else "NO")}
+from table import row  # noqa: E402  (bench/ is on sys.path when run.py runs)
 
 
 def _experiment(data_dir: Path) -> dict:
@@ -43,6 +40,7 @@ def _one(args: tuple[str, int, str]) -> dict:
     import torch
 
     from tunewise.runs import RunDir
+    from tunewise.tracking import EpochReporter
     from tunewise.trainers import get_trainer
 
     method, seed, data_dir = args
@@ -51,17 +49,10 @@ def _one(args: tuple[str, int, str]) -> dict:
     config = copy.deepcopy(exp["baseline"])
     config["groupdro"]["enabled"] = method == "groupdro"
 
-    class Null:
-        def epoch(self, step, row):
-            pass
-
-        def replay(self, rows):
-            pass
-
     with tempfile.TemporaryDirectory() as tmp:
         run = RunDir(Path(tmp) / "run")
         run.start(config, seed)
-        metrics = get_trainer("textcaps").run(config, seed, run, Null(), torch.device("cpu"), exp["metric"], progress=False)
+        metrics = get_trainer("textcaps").run(config, seed, run, EpochReporter(None, None), torch.device("cpu"), exp["metric"], progress=False)
         history = pd.read_csv(run.history_path)
     best = history.loc[history["step"] == metrics["best_step"]].iloc[0]
     return {"method": method, "seed": seed, "wga": float(best["val/worst_group_acc"]), "avg": float(best["val/avg_acc"]),
@@ -87,11 +78,11 @@ def bench_groupdro(workers: int = 2) -> list[dict]:
     gain, drop = 100 * (wga["groupdro"] - wga["erm"]), 100 * (acc["erm"] - acc["groupdro"])
     per_seed = ", ".join(f"seed {e['seed']}: {d['wga']:.3f}/{e['wga']:.3f}" for e, d in zip(by["erm"], by["groupdro"]))
     return [
-        _row("groupdro", f"val worst-group acc, GroupDRO vs ERM, mean of {len(SEEDS)} seeds ({per_seed}); "
-                         f"gain {gain:+.1f} points", wga["groupdro"], wga["erm"], ">= +5 points", gain >= 5.0),
+        row("groupdro", f"val worst-group acc, GroupDRO vs ERM, mean of {len(SEEDS)} seeds ({per_seed}); "
+                         f"gain {gain:+.1f} points", wga["groupdro"], wga["erm"], "", ">= +5 points", gain >= 5.0, fmt=".3f"),
         # "average accuracy" as GroupDRO papers use it: accuracy over all validation samples
-        _row("groupdro", f"val average acc (all samples) at the same checkpoints, GroupDRO vs ERM; drop {drop:+.1f} points",
-             acc["groupdro"], acc["erm"], "drop <= 5 points", drop <= 5.0),
-        _row("groupdro", "val mean of the per-group accuracies at the same checkpoints, GroupDRO vs ERM "
-                         "(ERM's majority group is right by the shortcut)", group_mean["groupdro"], group_mean["erm"]),
+        row("groupdro", f"val average acc (all samples) at the same checkpoints, GroupDRO vs ERM; drop {drop:+.1f} points",
+             acc["groupdro"], acc["erm"], "", "drop <= 5 points", drop <= 5.0, fmt=".3f"),
+        row("groupdro", "val mean of the per-group accuracies at the same checkpoints, GroupDRO vs ERM "
+                         "(ERM's majority group is right by the shortcut)", group_mean["groupdro"], group_mean["erm"], fmt=".3f"),
     ]

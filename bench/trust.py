@@ -67,12 +67,10 @@ def _r2(pred, y) -> float:
     return float(1 - ((pred - y) ** 2).sum() / ((y - y.mean()) ** 2).sum())
 
 
-class _NullReporter:
-    def epoch(self, step, row):
-        pass
+def _no_tracking():
+    from tunewise.tracking import EpochReporter
 
-    def replay(self, rows):
-        pass
+    return EpochReporter(None, None)  # without a tracker it reports nowhere
 
 
 def _aa_runs(seeds: list[int]) -> list[float]:
@@ -113,7 +111,7 @@ def _aa_runs(seeds: list[int]) -> list[float]:
             def evaluate(model=model):
                 return {"train/r2": _r2(model(xt), yt), "val/r2": _r2(model(xv), yv)}
 
-            result = fit(model=model, config=cfg, run=run, reporter=_NullReporter(), device=torch.device("cpu"),
+            result = fit(model=model, config=cfg, run=run, reporter=_no_tracking(), device=torch.device("cpu"),
                          seed=seed, train_batches=batches, steps_per_epoch=(len(xt) + bs - 1) // bs, train_step=step,
                          evaluate=evaluate, primary="val/r2", direction="max", progress=False)
             out.append(float(result.metrics["primary"]["best"]))
@@ -162,7 +160,7 @@ def _latent_run(name: str, config: dict, seed: int) -> dict:
         run = RunDir(Path(tmp) / "run")
         run.start(config, seed)
         try:
-            metrics = LatentTrainer().run(config, seed, run, _NullReporter(), torch.device("cpu"), PRIMARY,
+            metrics = LatentTrainer().run(config, seed, run, _no_tracking(), torch.device("cpu"), PRIMARY,
                                           progress=False)
             run.finish(metrics)
         except NonFiniteLoss as e:  # as `tunewise train` records it: a finding, not a crash

@@ -145,14 +145,14 @@ def cmd_train(args) -> None:
     if resuming:
         print(f"{run.path}: resuming from checkpoints/last.pt")
 
-    epochs = reporter = EpochReporter(tracker, run_id)
+    tracked = reporter = EpochReporter(tracker, run_id)
     if getattr(args, "wrap_reporter", None):  # a sweep trial reports to Optuna too, and may be pruned
         reporter = args.wrap_reporter(reporter)
     try:
         metrics = trainer.run(config, seed, run, reporter, device, exp["metric"])
-        epochs.flush()
+        tracked.flush()
     except (NonFiniteLoss, Pruned) as e:
-        epochs.flush()
+        tracked.flush()
         # a diverged run is a finding for the diagnosis and a pruned trial an answer for the sweep,
         # not crashes of the workflow
         status = "pruned" if isinstance(e, Pruned) else "diverged"
