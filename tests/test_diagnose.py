@@ -162,6 +162,25 @@ def test_rising_training_loss_is_lr_too_high():
     assert ev["tail_slope"] == pytest.approx(0.035, rel=1e-6)
 
 
+def test_loss_rules_start_where_the_objective_takes_its_final_form():
+    # GroupDRO-style: a low ERM loss during 3 warm-up epochs, then a jump to the weighted objective, which
+    # then settles (with a slight drift up at the end as q moves); the jump is not the learning rate's fault
+    loss = np.concatenate([approach(1.0, 0.3, 1.5, 3), approach(1.6, 1.1, 3, N - 3)])
+    loss[-10:] += np.linspace(0.0, 0.08, 10)
+    h = history(approach(0.3, 0.95, 5), approach(0.28, 0.93, 5), train_loss=loss)
+    ids = [f["id"] for f in diagnose(h, {**METRICS, "objective_from_step": 4}, PRIMARY_MAX, "max")]
+    assert "rising_train_loss" not in ids and "loss_oscillation" not in ids
+    # the same curve without the marker reads as a rising loss: the marker is what changes the verdict
+    rising = one(diagnose(h, METRICS, PRIMARY_MAX, "max"), "rising_train_loss")
+    assert rising["evidence"]["min_step"] == 3
+    # a real rise after the switch is still caught, with steps counted over the whole run
+    late = loss.copy()
+    late[25:] = np.linspace(late[24], 1.5, N - 25)
+    h = history(approach(0.3, 0.95, 5), approach(0.28, 0.93, 5), train_loss=late)
+    rising = one(diagnose(h, {**METRICS, "objective_from_step": 4}, PRIMARY_MAX, "max"), "rising_train_loss")
+    assert rising["evidence"]["min_step"] == 25 and rising["evidence"]["final_loss"] == pytest.approx(1.5)
+
+
 def test_oscillating_training_loss_is_lr_too_high_medium():
     loss = approach(2.0, 0.5, 4)
     loss[N // 2:] += 0.15 * (-1.0) ** np.arange(N // 2)
@@ -180,6 +199,19 @@ def test_mostly_clipped_gradients_are_lr_too_high():
     findings = diagnose(h, METRICS, PRIMARY_MAX, "max")
     assert ids(findings) == [("grad_clipping", "lr_too_high")]
     assert findings[0]["evidence"] == {"grad_clip_frac": pytest.approx(0.7), "grad_norm_p90": pytest.approx(3.0)}
+
+
+def test_large_update_to_weight_ratio_is_lr_too_high():
+    h = healthy()
+    h["update_ratio"] = np.linspace(0.04, 0.015, N)  # every step rewrites 1.5-4% of the weights
+    findings = diagnose(h, METRICS, PRIMARY_MAX, "max")
+    assert ids(findings) == [("large_updates", "lr_too_high")]
+    ev = findings[0]["evidence"]
+    assert ev["update_ratio_median"] == pytest.approx(float(np.median(h["update_ratio"])))
+    assert ev["update_ratio_max"] == pytest.approx(0.04) and ev["update_ratio_high"] == 0.01
+    # the trainers' default LRs measure 2-4e-3: no finding
+    h["update_ratio"] = np.linspace(0.006, 0.002, N)
+    assert diagnose(h, METRICS, PRIMARY_MAX, "max") == []
 
 
 def test_half_clipped_gradients_are_not_a_finding():

@@ -107,6 +107,15 @@ def test_lr_too_high_uses_the_p90_gradient_norm_for_clipping():
     assert by_knob(recommend([no_p90], config(), KNOBS))["grad_clip"]["value"] == 1.0
 
 
+def test_large_updates_scale_the_lr_towards_a_healthy_step():
+    big = finding("large_updates", "lr_too_high", "medium", update_ratio_median=0.02, grad_norm_p90=3.0)
+    assert by_knob(recommend([big], config(), KNOBS))["lr"]["value"] == 0.12  # 2.5e-3 / 0.02 = 0.125
+    huge = finding("large_updates", "lr_too_high", "medium", update_ratio_median=0.5)
+    assert by_knob(recommend([huge], config(), KNOBS))["lr"]["value"] == 0.1  # never below a tenth at once
+    barely = finding("large_updates", "lr_too_high", "medium", update_ratio_median=0.011)
+    assert by_knob(recommend([barely], config(), KNOBS))["lr"]["value"] == 0.23
+
+
 def test_mostly_clipped_gradients_lower_the_lr_gently_and_keep_the_bound():
     cfg = config()
     cfg["train"]["grad_clip"] = 1.0

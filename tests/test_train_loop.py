@@ -42,7 +42,7 @@ def test_fit_writes_the_run_contract(tmp_path):
     run, metrics = train(tmp_path)
     hist = pd.read_csv(run.history_path)
     assert list(hist["step"]) == list(range(1, 9))
-    for col in ("train/loss", "val/loss", "val/neg_mse", "lr", "grad_norm", "grad_norm_p90", "grad_clip_frac",
+    for col in ("train/loss", "val/loss", "val/neg_mse", "lr", "grad_norm", "grad_norm_p90", "grad_clip_frac", "update_ratio",
                 "seconds", "samples_per_s", "data_frac"):
         assert col in hist and hist[col].notna().all(), col
     assert metrics["primary"]["best"] == pytest.approx(hist["val/neg_mse"].max())
@@ -81,6 +81,26 @@ def test_nan_loss_raises_with_the_step_and_keeps_the_history(tmp_path):
 def test_early_stopping_stops_after_patience(tmp_path):
     _, metrics = train(tmp_path, train={"epochs": 40, "patience": 2, "min_delta": 10.0})
     assert metrics["stopped_early"] and metrics["epochs_run"] == 3 and metrics["best_step"] == 1
+
+
+def test_update_ratio_follows_the_learning_rate(tmp_path):
+    ratios = {}
+    for lr in (1e-3, 1e-2):
+        run, _ = train(tmp_path, name=f"lr{lr}", optim={"lr": lr})
+        ratio = pd.read_csv(run.history_path)["update_ratio"]
+        assert ratio.notna().all() and (ratio > 0).all()
+        ratios[lr] = float(ratio.median())
+    # Adam's step is about lr per parameter: ten times the LR gives several times the relative update
+    assert ratios[1e-2] > 4 * ratios[1e-3]
+
+
+def test_update_ratio_measures_one_optimizer_step():
+    from tunewise.train.loop import _update_ratio
+
+    params = [torch.tensor([3.0, 4.0]), torch.tensor([[0.0]])]
+    before = [p.clone() for p in params]
+    params[0] += torch.tensor([0.3, 0.4])
+    assert float(_update_ratio(params, before)) == pytest.approx(0.1)
 
 
 def test_grad_clip_fraction_is_recorded(tmp_path):

@@ -41,6 +41,10 @@ DEFAULT_THRESHOLDS: dict = {
     # learning rate is too high rather than the validation set too small. Measured on real latent runs
     # (bench `trust`): trainer-default LR 0.1-0.5% of the range, 10x that LR 1.5-9.5%.
     "train_jitter_rel": 0.01,
+    # update-to-weight ratio |delta theta| / |theta| per optimizer step (the loop's `update_ratio`, median over
+    # sampled steps of each epoch): CS231n's rule of thumb puts a healthy step near 1e-3; a median over the
+    # epochs above this means each step rewrites too much of the weights, the learning rate is too high
+    "update_ratio_high": 1e-2,
     # gradient clipping: mean share of clipped steps above this means the LR is too high (methods.md: >50%)
     "clip_frac": 0.5,
     # generalisation gap at the end counts as large above max(gap_abs, gap_rel * max(|train end|, |val end|))
@@ -158,6 +162,23 @@ def _grad_clipping(history: pd.DataFrame, th: dict) -> list[dict]:
     )]
 
 
+def _large_updates(history: pd.DataFrame, th: dict) -> list[dict]:
+    if "update_ratio" not in history:
+        return []
+    ratio = _values(history, "update_ratio")
+    ratio = ratio[np.isfinite(ratio)]
+    if not len(ratio) or float(np.median(ratio)) <= th["update_ratio_high"]:
+        return []
+    median = float(np.median(ratio))
+    return [_finding(
+        "large_updates", "lr_too_high", "medium",
+        f"Each optimizer step changed the weights by {median:.2%} of their norm (median over epochs; "
+        f"above {th['update_ratio_high']:.2%}, where about 0.1% is healthy): the learning rate is too high.",
+        {"update_ratio_median": median, "update_ratio_max": float(ratio.max()),
+         "update_ratio_high": th["update_ratio_high"], "grad_norm_p90": _p90_grad_norm(history)},
+    )]
+
+
 def _input_bound(history: pd.DataFrame, th: dict) -> list[dict]:
     if "data_frac" not in history:
         return []
@@ -211,9 +232,16 @@ def _divergence(history: pd.DataFrame, metrics: dict, primary: str) -> dict | No
 # --- curve rules ------------------------------------------------------------------------------------------
 
 
-def _training_loss_rules(history: pd.DataFrame, th: dict) -> list[dict]:
+def _training_loss_rules(history: pd.DataFrame, th: dict, from_step: int | None = None) -> list[dict]:
+    """Rising and oscillating training loss, judged from `from_step` on (the step from which the training
+    objective has its final form: GroupDRO's warm-up is plain ERM, and the switch to the q-weighted loss
+    makes the loss jump once, which says nothing about the learning rate)."""
     if "train/loss" not in history:
         return []
+    if from_step is not None and from_step > 1:
+        kept = history[_steps(history) >= from_step]
+        if len(kept) >= th["min_rows"]:
+            history = kept
     loss, steps = _values(history, "train/loss"), _steps(history)
     n = len(loss)
     lo, hi = float(loss.min()), float(loss.max())
@@ -313,7 +341,7 @@ def diagnose(history: pd.DataFrame, metrics: dict, primary: str, direction: str,
     th = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
     sign = 1.0 if direction == "max" else -1.0
 
-    averages = _grad_clipping(history, th) + _input_bound(history, th)
+    averages = _grad_clipping(history, th) + _large_updates(history, th) + _input_bound(history, th)
     diverged = _divergence(history, metrics, primary)
     if diverged is not None:
         # the curve before a blow-up says little about generalisation or convergence: report the blow-up
@@ -340,7 +368,8 @@ def diagnose(history: pd.DataFrame, metrics: dict, primary: str, direction: str,
     train = _values(history, train_col) if train_col and train_col in history else None
     if train is not None and not np.isfinite(train).all():
         train = None
-    found = [*averages, *_training_loss_rules(history, th),
+    from_step = metrics.get("objective_from_step")
+    found = [*averages, *_training_loss_rules(history, th, int(from_step) if from_step else None),
              *_noisy_validation(history, val, primary, train, train_col, th)]
     gap = threshold = train_end = None
     if train is not None:

@@ -45,6 +45,17 @@ def _progress(total: int, initial: int, desc: str, enabled: bool | None):
     return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, unit="epoch", leave=False)
 
 
+UPDATE_RATIO_SAMPLES = 8  # optimizer steps per epoch whose update-to-weight ratio is measured
+
+
+def _update_ratio(params: list[torch.Tensor], before: list[torch.Tensor]) -> torch.Tensor:
+    """|theta_after - theta_before| / |theta_before| over all parameters (a 0-d tensor, no host sync)."""
+    after = [p.detach() for p in params]
+    delta = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(torch._foreach_sub(after, before))))
+    weight = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(before)))
+    return delta.float() / weight.float().clamp_min(1e-12)
+
+
 def fit(
     *,
     model: torch.nn.Module,
@@ -73,6 +84,10 @@ def fit(
     schedule = Schedule(optimizer, config.get("schedule", {}), epochs, steps_per_epoch)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     clip_at = float(grad_clip) if grad_clip else float("inf")
+    # update-to-weight ratio |delta theta| / |theta| of one optimizer step, measured on a few steps per epoch
+    # (a parameter copy each): CS231n's rule of thumb puts a healthy step near 1e-3, so it tells the diagnosis
+    # about the step size directly, whatever the loss curve looks like
+    ratio_every = max(1, steps_per_epoch // UPDATE_RATIO_SAMPLES)
 
     history: list[dict] = []
     start_epoch, best_value, best_step, bad_epochs, wall = 0, None, 0, 0, 0.0
@@ -97,6 +112,7 @@ def fit(
         data_wait = 0.0
         loss_sum = torch.zeros((), dtype=torch.float64)
         norms: list[torch.Tensor] = []
+        ratios: list[torch.Tensor] = []
         n_seen = 0
         step_in_epoch = 0
         batches = iter(train_batches(epoch))
@@ -121,7 +137,12 @@ def fit(
             loss.backward()
             # clip_grad_norm_ with an infinite bound still returns the norm the diagnosis needs
             norms.append(torch.nn.utils.clip_grad_norm_(params, clip_at))
-            optimizer.step()
+            if step_in_epoch % ratio_every == 0:
+                before = [p.detach().clone() for p in params]
+                optimizer.step()
+                ratios.append(_update_ratio(params, before))
+            else:
+                optimizer.step()
             schedule.step_batch()
             loss_sum += loss_value * n
             n_seen += n
@@ -143,6 +164,7 @@ def fit(
             "grad_norm": float(gn.mean()),
             "grad_norm_p90": float(torch.quantile(gn, 0.9)),
             "grad_clip_frac": float((gn > clip_at).float().mean()) if grad_clip else 0.0,
+            "update_ratio": float(torch.stack(ratios).float().median()) if ratios else float("nan"),
             "seconds": seconds,
             "samples_per_s": n_seen / max(train_seconds, 1e-9),
             "data_frac": data_wait / max(seconds, 1e-9),
