@@ -72,6 +72,8 @@ def test_each_sampler_and_pruner_runs_end_to_end(matrix, sampler, pruner):
     assert (summary["sampler"], summary["pruner"]) == (sampler, pruner)
     assert sorted(t["slot"] for t in summary["trials"]) == list(range(n_trials(exp)))
     assert len({t["number"] for t in summary["trials"]}) == n_trials(exp)
+    # nothing was killed: no attempt set aside (Snakemake's pre-made empty output folder is not one)
+    assert not (res / "optimize" / "sweep" / "trials" / "interrupted").exists()
     assert summary["states"]["COMPLETE"] >= 1
     assert {c["id"] for c in summary["checks"]} >= {"failed_share", "trials_for_spread", "best_step"}
     best = json.loads((res / "optimize" / "sweep" / "best.json").read_text())

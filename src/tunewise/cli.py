@@ -301,7 +301,8 @@ def cmd_sweep_trial(args) -> None:
         attempt = len(sweep.slot_trials(study, slot))
         if attempt:  # a fresh sampler seed for the re-ask, so a retry is not a copy of the killed attempt
             study = sweep.open_study(exp, space, base, journal, slot, attempt, epochs=epochs)
-        if run_dir.exists():
+        # Snakemake creates the output's (empty) folder before the job starts: only a killed attempt leaves files
+        if run_dir.exists() and any(run_dir.iterdir()):
             # the killed attempt's files stay for inspection, out of the way of the new trial
             archive = sweep_dir / "trials" / "interrupted" / f"trial{slot}-attempt{attempt}"
             archive.parent.mkdir(parents=True, exist_ok=True)
@@ -579,6 +580,10 @@ def cmd_finalize(args) -> None:
     config = load_yaml(config_path)
     # the test split is touched here, once, with the best checkpoint
     test = trainer.evaluate_test(config, run.checkpoints / "best.pt", device)
+    # a trainer may add its test confusion matrix; it is a table, not a metric
+    confusion = test.pop("confusion", None)
+    if confusion is not None:
+        write_json(out / "confusion_test.json", confusion)
     shutil.copyfile(run.checkpoints / "best.pt", out / "best_model_optimized.pt")
     shutil.copyfile(run.checkpoints / "last.pt", out / "last_model_optimized.pt")
     atomic_write_text(out / "final_config.yaml", config_path.read_text(encoding="utf-8"))
@@ -590,6 +595,7 @@ def cmd_finalize(args) -> None:
         "val": {"best": metrics["primary"]["best"], "best_step": metrics["best_step"]},
         "test": test,
         "checkpoints": {"best": str(out / "best_model_optimized.pt"), "last": str(out / "last_model_optimized.pt")},
+        "confusion": str(out / "confusion_test.json") if confusion is not None else None,
     }
     write_json(out / "final.json", final)
     reports = write_final_report(out / "final.json", Path(args.decision), Path(args.reports_dir))
