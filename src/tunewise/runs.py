@@ -74,6 +74,11 @@ def git_sha() -> str:
         return "unknown"
 
 
+# optional in a run directory: a trainer's validation confusion matrix per evaluated step,
+# {"split": "val", "classes": [...], "steps": {"<step>": [[count true x predicted]]}}; the reports show the best step's
+CONFUSION_FILE = "confusion_val.json"
+
+
 class RunDir:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)

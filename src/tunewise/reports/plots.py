@@ -495,3 +495,87 @@ def plot_rounds(rounds: Sequence[Mapping], metric: str, path: Path, baseline: fl
         ax.set_title(title)
     fig.tight_layout()
     return _save(fig, path)
+
+
+# --- per-group views (trainers that log `val/acc/<group>`, e.g. textcaps) --------------------------------
+
+GROUP_ACC_PREFIX = "val/acc/"
+GROUP_WEIGHT_PREFIX = "q/"
+
+
+def group_columns(history: pd.DataFrame) -> list[str]:
+    """`val/acc/<group>` columns (one level: `val/acc/<group>/<class>` is a group-by-class cell)."""
+    return [c for c in history.columns if c.startswith(GROUP_ACC_PREFIX) and "/" not in c[len(GROUP_ACC_PREFIX):]]
+
+
+def plot_group_curves(history: pd.DataFrame, path: Path, best_step: int | None = None, title: str = "") -> Path | None:
+    """Validation accuracy of each group over steps with the worst-group and average accuracy, and, when
+    logged, the GroupDRO weight of each group (`q/<group>`). None when the history has no group column."""
+    groups = group_columns(history)
+    if not groups:
+        return None
+    weights = [c for c in history.columns if c.startswith(GROUP_WEIGHT_PREFIX)]
+    fig, axes = plt.subplots(1, 2 if weights else 1, figsize=(11 if weights else 6, 4), squeeze=False)
+    ax = axes[0][0]
+    for i, column in enumerate(groups):
+        series = _series(history, column)
+        if series:
+            ax.plot(*series, "-", color=f"C{i}", label=column[len(GROUP_ACC_PREFIX):])
+    for column, style in (("val/worst_group_acc", "k--"), ("val/avg_acc", "k:")):
+        series = _series(history, column)
+        if series:
+            ax.plot(*series, style, label=column.split("/", 1)[1])
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.legend(loc="best", fontsize=8)
+    if best_step is not None:
+        ax.axvline(best_step, color="tab:green", alpha=0.6, linewidth=1)
+    if weights:
+        ax_q = axes[0][1]
+        for i, column in enumerate(weights):
+            series = _series(history, column)
+            if series:
+                ax_q.plot(*series, "-", color=f"C{i}", label=column[len(GROUP_WEIGHT_PREFIX):])
+        ax_q.set_xlabel("step")
+        ax_q.set_ylabel("GroupDRO weight q")
+        ax_q.set_ylim(0, 1.02)
+        ax_q.legend(loc="best", fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_confusion(confusion: Mapping, path: Path, title: str = "") -> Path:
+    """Row-normalised confusion matrix (true class by row) with the counts written in the cells.
+
+    `confusion` follows the trainers' contract: {"classes": [...], "matrix": [[count, ...], ...]} with
+    matrix[true][predicted]; "split" and "step" go into the title when present.
+    """
+    classes = list(confusion["classes"])
+    counts = np.asarray(confusion["matrix"], dtype=float)
+    if counts.shape != (len(classes), len(classes)):
+        raise ValueError(f"confusion matrix: expected {len(classes)}x{len(classes)}, got {counts.shape}")
+    totals = counts.sum(axis=1, keepdims=True)
+    rates = np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
+    side = max(4.0, 0.55 * len(classes) + 2.0)
+    fig, ax = plt.subplots(figsize=(side + 1.0, side))
+    image = ax.imshow(rates, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    if len(classes) <= 20:  # beyond that the numbers are unreadable; the colours still show the pattern
+        for i in range(len(classes)):
+            for j in range(len(classes)):
+                if counts[i, j]:
+                    ax.text(j, i, f"{int(counts[i, j])}", ha="center", va="center", fontsize=7,
+                            color="white" if rates[i, j] > 0.5 else "black")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(classes)), classes, fontsize=8)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    where = ", ".join(f"{k} {confusion[k]}" for k in ("split", "step") if confusion.get(k) is not None)
+    heading = " ".join(p for p in (title, f"({where})" if where else "") if p)
+    if heading:
+        ax.set_title(heading)
+    fig.tight_layout()
+    return _save(fig, path)

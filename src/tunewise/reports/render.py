@@ -335,9 +335,15 @@ def write_diagnostic_report(diagnosis_path: Path, baseline_run_dir: Path, report
     ]
     keys = ("knob", "action", "value", "expected_impact", "risk", "effort", "rationale", "root_cause", "finding_id")
     recommendations = [{"rank": i, **{k: r.get(k) for k in keys}} for i, r in enumerate(diag.get("recommendations") or [], 1)]
+    from tunewise.reports.groups import group_section
+
+    groups = group_section({"baseline": baseline_run_dir}, {"baseline": summary["best_step"]}, report,
+                           reports_dir / "plots", "baseline", f"{diag['experiment']}: baseline")
+    if groups:
+        written += groups["written"]
     strategy = diag.get("strategy") or {}
     text = render(
-        "diagnostic_report.md.j2",
+        "diagnostic_report.md.j2", groups=groups,
         experiment=diag["experiment"], trainer=diag.get("trainer"), metric=metric,
         run_dir=str(baseline_run_dir), summary=summary, findings=findings, recommendations=recommendations,
         changes=_changes(diag), patch=list((diag.get("patch") or {}).items()),
@@ -457,8 +463,12 @@ def write_optimization_results(significance_path: Path, decision_path: Path, dia
         from tunewise.reports.iterative import iterative_context
 
         iterative = iterative_context(Path(iterative_json), report, reports_dir / "plots")
+    from tunewise.reports.groups import group_section
+
+    groups = group_section({"baseline": Path(baseline_run_dir), "optimized": optimized_run_dir}, best_steps, report,
+                           reports_dir / "plots", "comparison", f"{diag['experiment']}: baseline")
     text = render(
-        "optimization_results.md.j2", **common,
+        "optimization_results.md.j2", **common, groups=groups,
         strategy={k: strategy.get(k) for k in ("requested", "chosen", "reason")},
         skipped=significance["skipped"], skip_reason=sig.get("reason") if significance["skipped"] else None,
         baseline_run=str(baseline_run_dir), optimized_run=str(optimized_run_dir) if optimized_run_dir else None,
@@ -475,7 +485,8 @@ def write_optimization_results(significance_path: Path, decision_path: Path, dia
     )
     atomic_write_text(report, text)
     atomic_write_text(sig_report, render("significance.md.j2", **common))
-    return [report, sig_report, curves, seeds, *(sweep["written"] if sweep else []),
+    return [report, sig_report, curves, seeds, *(groups["written"] if groups else []),
+            *(sweep["written"] if sweep else []),
             *(iterative["written"] if iterative else [])]
 
 
@@ -500,15 +511,30 @@ def write_final_report(final_path: Path, decision_path: Path, reports_dir: Path)
         {"name": name, "path": path, "link": _link(Path(path), report)}
         for name, path in (final.get("checkpoints") or {}).items()
     ]
+    from tunewise.reports.groups import group_section
+
+    confusion = _maybe_json(Path(final["confusion"])) if final.get("confusion") else None
+    run_dir = Path(final["run_dir"]) if final.get("run_dir") else None
+    groups = group_section({"validation": run_dir}, {"validation": (final.get("val") or {}).get("best_step")}, report,
+                           Path(reports_dir) / "plots", "final", "final model", confusion=confusion,
+                           run_label="final run")
+    if groups:  # the test split's per-group accuracy next to the validation one
+        test = final.get("test") or {}
+        groups["labels"].append("test")
+        groups["steps"].append(None)
+        for r in groups["rows"]:
+            r["cells"].append(test.get(f"test/acc/{r['name']}"))
+        for r in groups["summary"]:
+            r["cells"].append(test.get(r["column"].replace("val/", "test/", 1)))
     text = render(
-        "final_report.md.j2",
+        "final_report.md.j2", groups=groups,
         chosen_side=final.get("chosen_side"), config_path=final.get("config_path"), run_dir=final.get("run_dir"),
         val={"best": (final.get("val") or {}).get("best"), "best_step": (final.get("val") or {}).get("best_step")},
         test=list((final.get("test") or {}).items()), checkpoints=checkpoints,
         decision={k: decision.get(k) for k in ("option", "label", "next", "chosen_side", "target", "target_met", "rationale")},
     )
     atomic_write_text(report, text)
-    return [report]
+    return [report, *(groups["written"] if groups else [])]
 
 
 def _experiment_dirs(results_dir: Path) -> Iterable[Path]:

@@ -1,0 +1,92 @@
+"""Per-group sections of the reports, for trainers that log per-group accuracy (`val/acc/<group>`,
+`val/worst_group_acc`, `val/avg_acc`, optionally GroupDRO's `q/<group>`) and a confusion matrix.
+
+Everything comes from a run directory (`history.csv`, the optional `runs.CONFUSION_FILE`) or from the final
+phase's `confusion_test.json`; a run without group columns gets no section (the template skips it).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from tunewise.reports.plots import GROUP_ACC_PREFIX, group_columns, plot_confusion, plot_group_curves
+from tunewise.reports.render import _history, _link
+from tunewise.runs import CONFUSION_FILE, read_json
+
+SUMMARY_COLUMNS = ("val/worst_group_acc", "val/avg_acc", "val/acc")
+
+
+def _row_at(history: pd.DataFrame, step: int | None) -> pd.Series | None:
+    if history.empty:
+        return None
+    if step is not None and "step" in history:
+        rows = history[pd.to_numeric(history["step"], errors="coerce") == step]
+        if len(rows):
+            return rows.iloc[-1]
+    return history.iloc[-1]
+
+
+def _value(row: pd.Series | None, column: str) -> float | None:
+    if row is None or column not in row.index:
+        return None
+    value = pd.to_numeric(row[column], errors="coerce")
+    return None if pd.isna(value) else float(value)
+
+
+def val_confusion(run_dir: Path, step: int | None) -> dict | None:
+    """The validation confusion matrix a trainer recorded for `step` (else its last step), or None."""
+    path = Path(run_dir) / CONFUSION_FILE
+    if not path.exists():
+        return None
+    data = read_json(path)
+    steps = data.get("steps") or {}
+    if not steps:
+        return None
+    key = str(step) if step is not None and str(step) in steps else max(steps, key=int)
+    return {"split": data.get("split", "val"), "step": int(key), "classes": data["classes"], "matrix": steps[key]}
+
+
+def group_section(run_dirs: dict[str, Path | None], best_steps: dict[str, int | None], report_path: Path,
+                  plots_dir: Path, name: str, title: str, confusion: dict | None = None,
+                  run_label: str | None = None) -> dict | None:
+    """Template context for `_groups.md.j2`: per-group validation accuracy at each run's best step (one column
+    per run in `run_dirs`, e.g. baseline and optimized), the group curves and the confusion matrix of the
+    first run (or `confusion` when given, e.g. the test split's), described as `run_label` in the captions.
+    None when no run logged group accuracy."""
+    report_path, plots_dir = Path(report_path), Path(plots_dir)
+    histories = {label: _history(d) for label, d in run_dirs.items() if d is not None}
+    rows_at = {label: _row_at(h, best_steps.get(label)) for label, h in histories.items()}
+    groups: list[str] = []
+    for h in histories.values():
+        groups += [c for c in group_columns(h) if c not in groups]
+    if not groups:
+        return None
+    labels = list(histories)
+    table = [{"name": c[len(GROUP_ACC_PREFIX):], "cells": [_value(rows_at[lb], c) for lb in labels]} for c in groups]
+    summary = [{"name": c.split("/", 1)[1], "column": c, "cells": [_value(rows_at[lb], c) for lb in labels]}
+               for c in SUMMARY_COLUMNS if any(c in h for h in histories.values())]
+    first = labels[0]
+    written = []
+    curves = plot_group_curves(histories[first], plots_dir / f"{name}_groups.png", best_steps.get(first),
+                               title=f"{title}: per-group validation accuracy")
+    if curves is not None:
+        written.append(curves)
+    if confusion is None and run_dirs[first] is not None:
+        confusion = val_confusion(Path(run_dirs[first]), best_steps.get(first))
+    confusion_plot = None
+    if confusion is not None:
+        confusion_plot = plot_confusion(confusion, plots_dir / f"{name}_confusion.png", title=title)
+        written.append(confusion_plot)
+    return {
+        "labels": labels,
+        "steps": [int(rows_at[lb]["step"]) if rows_at[lb] is not None and "step" in rows_at[lb].index else None
+                  for lb in labels],
+        "rows": table,
+        "summary": summary,
+        "curves": _link(curves, report_path) if curves is not None else None,
+        "run_label": run_label or f"{first} run",
+        "confusion": _link(confusion_plot, report_path) if confusion_plot is not None else None,
+        "confusion_where": {k: confusion.get(k) for k in ("split", "step")} if confusion else None,
+        "written": written,
+    }
