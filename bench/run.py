@@ -187,8 +187,15 @@ def bench_groupdro() -> list[dict]:
     return run()
 
 
+def bench_textcaps() -> list[dict]:
+    from textcaps_bench import bench_textcaps as run
+
+    return run()
+
+
 ENTRIES = {"loop": bench_loop, "job": bench_job, "sweep": bench_sweep, "parallel": bench_parallel,
-           "trust": bench_trust, "groupdro": bench_groupdro}
+           "trust": bench_trust, "groupdro": bench_groupdro,
+           "textcaps": bench_textcaps}
 
 
 def main() -> int:
