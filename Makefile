@@ -41,4 +41,6 @@ mlflow-ui: install
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1
 
 clean:
-	rm -rf results reports/*/ reports/index.md mlflow.db mlflow.db.lock mlruns .snakemake
+	# reports/templates/ is source: only the generated per-experiment folders go
+	find reports -mindepth 1 -maxdepth 1 -type d ! -name templates -exec rm -rf {} +
+	rm -rf results reports/index.md mlflow.db mlflow.db.lock mlruns .snakemake
