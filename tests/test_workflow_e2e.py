@@ -121,6 +121,41 @@ def test_mlflow_holds_phase_runs_with_epoch_histories(finished):
     assert seeds and all(r.data.tags.get("mlflow.parentRunId") == parent.info.run_id for r in seeds)
 
 
+def test_same_config_and_seed_is_trained_once(finished):
+    """The baseline is the baseline side's seed 0, the targeted run the optimized side's, and the final run
+    the chosen side's: adopted, not trained again, and still complete runs in the files and in MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    work, _ = finished
+    results = work / "results" / EXP
+    diag = _metrics(results / "diagnosis" / "diagnosis.json")
+    decision = _metrics(results / "significance" / "decision.json")
+    pairs = [(results / "baseline", results / "seeds" / "baseline" / "seed0")]
+    if diag["strategy"]["chosen"] == "targeted":
+        pairs.append((results / "optimize" / "targeted", results / "seeds" / "optimized" / "seed0"))
+    pairs.append((results / "seeds" / decision["chosen_side"] / "seed0", results / "final" / "run"))
+    client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
+    for source, copy in pairs:
+        info = _metrics(copy / "run.json")
+        assert info["status"] == "done" and (work / info["reused_from"]).resolve() == source.resolve()
+        assert (copy / "history.csv").read_text() == (source / "history.csv").read_text()
+        src_metrics, copy_metrics = _metrics(source / "metrics.json"), _metrics(copy / "metrics.json")
+        assert copy_metrics["primary"] == src_metrics["primary"] and copy_metrics["best_step"] == src_metrics["best_step"]
+        assert (copy / "checkpoints" / "best.pt").read_bytes() == (source / "checkpoints" / "best.pt").read_bytes()
+        logged = client.get_metric_history(info["mlflow_run_id"], "val/r2_mean")
+        assert sorted(m.step for m in logged) == list(pd.read_csv(copy / "history.csv")["step"])
+        # one training log line per adopted run: it did not train
+        assert "adopted its finished run" in (results / "logs" / _log_name(copy)).read_text()
+    # seeds other than the experiment's own are trained
+    assert "reused_from" not in _metrics(results / "seeds" / "baseline" / "seed1" / "run.json")
+
+
+def _log_name(run_dir: Path) -> str:
+    if run_dir.name == "run":
+        return "finalize.log"
+    return f"seed_run_{run_dir.parent.name}_{run_dir.name[len('seed'):]}.log"
+
+
 def test_nothing_to_do_after_a_finished_run(finished):
     work, _ = finished
     proc = snakemake(work, "-n")

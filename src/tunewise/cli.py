@@ -125,7 +125,8 @@ def cmd_train(args) -> None:
     if run.is_finished() and not args.force:
         print(f"{run.path}: already finished (status {run.status}); --force to train again")
         return run.require_finished()
-    resuming = (run.checkpoints / "last.pt").exists()
+    source = _reusable_run(getattr(args, "reuse_from", None), config, seed)
+    resuming = (run.checkpoints / "last.pt").exists() and source is None
     info = run.start(config, seed, {"phase": args.phase, "side": args.side, "experiment": exp["name"]})
 
     tracker = _tracker(exp)
@@ -142,6 +143,8 @@ def cmd_train(args) -> None:
         run_id = tracker.start_run(name, tags, parent_id=parent)
         tracker.log_params(run_id, {"seed": seed, "threads": threads, "device": str(device), **config})
         run.update_info(mlflow_run_id=run_id)
+    if source is not None:
+        return _adopt_run(source, run, tracker, run_id)
     if resuming:
         print(f"{run.path}: resuming from checkpoints/last.pt")
 
@@ -195,6 +198,60 @@ def cmd_train(args) -> None:
     tracker.end_run(run_id)
     p = metrics["primary"]
     print(f"{run.path}: done, {p['name']} best {p['best']:.4f} at step {metrics['best_step']} ({metrics['wall_seconds']:.1f}s)")
+    return metrics | {"status": "done"}
+
+
+def _reusable_run(metrics_path: str | None, config: dict, seed: int):
+    """The finished run behind `metrics_path` when it trained exactly `config` with `seed`, else None.
+
+    The workflow trains the same config with the same seed more than once (the baseline and the baseline
+    side's seed 0, the targeted run and the optimized side's seed 0, the final run): such a run is adopted,
+    not trained again. The check is on the files, so a run of another config or seed is never taken.
+    """
+    from tunewise.config import load_yaml
+    from tunewise.runs import RunDir
+
+    if not metrics_path:
+        return None
+    source = RunDir(Path(metrics_path).parent)
+    if source.status != "done" or not source.config_path.exists():
+        return None
+    if source.info().get("seed") != seed or load_yaml(source.config_path) != config:
+        return None
+    return source
+
+
+def _adopt_run(source, run, tracker, run_id: str) -> dict:
+    """Make `run` a copy of the finished `source` run (checkpoints hard-linked) and give its MLflow run the
+    same per-epoch history, so every consumer sees a complete run of its own."""
+    import shutil
+
+    def link_or_copy(src, dst):
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    shutil.rmtree(run.checkpoints, ignore_errors=True)
+    shutil.copytree(source.checkpoints, run.checkpoints, copy_function=link_or_copy)
+    for name in os.listdir(source.path):  # history.csv and trainer files such as confusion_val.json
+        path = source.path / name
+        if path.is_file() and name not in ("run.json", "metrics.json", "config.yaml"):
+            shutil.copy2(path, run.path / name)
+    metrics = {**source.require_finished(), "reused_from": str(source.path)}
+    metrics.pop("status", None)
+    run.update_info(reused_from=str(source.path))
+    history = run.history() if run.history_path.exists() else None
+    if history is not None:
+        tracker.log_rows(run_id, history.to_dict("records"))
+    tracker.set_tags(run_id, {"reused_from": str(source.path)})
+    run.finish(metrics)
+    tracker.log_metrics(run_id, {f"best/{k}": v for k, v in (metrics.get("best") or {}).items() if k != "step"})
+    for path in (run.config_path, run.history_path, run.metrics_path):
+        if path.exists():
+            tracker.log_artifact(run_id, path)
+    tracker.end_run(run_id)
+    print(f"{run.path}: same config and seed as {source.path}: adopted its finished run instead of training again")
     return metrics | {"status": "done"}
 
 
@@ -568,6 +625,8 @@ def cmd_finalize(args) -> None:
         experiment_file=args.experiment_file, run_dir=str(run_dir), config_file=str(config_path), seed=None,
         phase="final", side=decision["chosen_side"], threads=args.threads, set=None, rule=args.rule,
         run_name="final", force=False,
+        # the chosen side's run with the experiment's seed is this very training, already done
+        reuse_from=str(_exp_dir(args) / "seeds" / decision["chosen_side"] / f"seed{exp['seed']}" / "metrics.json"),
     )
     cmd_train(train_args)
     run = RunDir(run_dir)
@@ -661,6 +720,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="dotted override, e.g. optim.lr=0.01")
     p.add_argument("--run-name")
     p.add_argument("--force", action="store_true")
+    p.add_argument("--reuse-from", default=None,
+                   help="metrics.json of a finished run; adopted instead of training when it has the same config and seed")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("diagnose", help="Phase 3: findings, recommendations, config patch, strategy")

@@ -96,6 +96,19 @@ def optimized_config(wildcards):
     return [strategy_config(wildcards)] if wildcards.side == "optimized" else []
 
 
+def reuse_source(wildcards):
+    """The finished run a seed run adopts instead of training the same config with the same seed again: the
+    baseline run (baseline side) or the targeted run (optimized side), for the experiment's own seed.
+    `tunewise train --reuse-from` checks config and seed on the files and trains when they differ."""
+    if int(wildcards.seed) != int(exp_cfg(wildcards).get("seed", 0)):
+        return []
+    if wildcards.side == "baseline":
+        return [f"results/{wildcards.exp}/baseline/metrics.json"]
+    if strategy(wildcards) == "targeted":
+        return [f"results/{wildcards.exp}/optimize/targeted/metrics.json"]
+    return []
+
+
 def sweep_trials(wildcards):
     n = exp_cfg(wildcards)["optimize"]["sweep"]["n_trials"]
     return [f"results/{wildcards.exp}/optimize/sweep/trials/trial{i}/trial.json" for i in range(n)]

@@ -5,6 +5,7 @@ rule seed_run:
         # the optimized side trains the chosen strategy's config; the baseline side the experiment's own
         # (an empty list: `--config-file=` then reads as "none", where a bare flag would eat the next one)
         config=optimized_config,
+        reuse=reuse_source,
     output:
         "results/{exp}/seeds/{side}/seed{seed}/metrics.json",
     params:
@@ -20,7 +21,8 @@ rule seed_run:
         runtime=runtime_for,
     shell:
         "tunewise train --experiment-file {input.exp:q} --config-file={input.config:q} --run-dir {params.run_dir:q}"
-        " --phase seed --side {wildcards.side} --seed {wildcards.seed} --threads {threads} --rule seed_run > {log:q} 2>&1"
+        " --reuse-from={input.reuse:q} --phase seed --side {wildcards.side} --seed {wildcards.seed}"
+        " --threads {threads} --rule seed_run > {log:q} 2>&1"
 
 
 rule significance:

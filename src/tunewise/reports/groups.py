@@ -49,10 +49,11 @@ def val_confusion(run_dir: Path, step: int | None) -> dict | None:
 
 def group_section(run_dirs: dict[str, Path | None], best_steps: dict[str, int | None], report_path: Path,
                   plots_dir: Path, name: str, title: str, confusion: dict | None = None,
-                  run_label: str | None = None) -> dict | None:
+                  run_label: str | None = None, plot_run: str | None = None) -> dict | None:
     """Template context for `_groups.md.j2`: per-group validation accuracy at each run's best step (one column
     per run in `run_dirs`, e.g. baseline and optimized), the group curves and the confusion matrix of the
-    first run (or `confusion` when given, e.g. the test split's), described as `run_label` in the captions.
+    first run or of `plot_run` (or `confusion` when given, e.g. the test split's), described as `run_label`
+    in the captions.
     None when no run logged group accuracy."""
     report_path, plots_dir = Path(report_path), Path(plots_dir)
     histories = {label: _history(d) for label, d in run_dirs.items() if d is not None}
@@ -66,7 +67,7 @@ def group_section(run_dirs: dict[str, Path | None], best_steps: dict[str, int | 
     table = [{"name": c[len(GROUP_ACC_PREFIX):], "cells": [_value(rows_at[lb], c) for lb in labels]} for c in groups]
     summary = [{"name": c.split("/", 1)[1], "column": c, "cells": [_value(rows_at[lb], c) for lb in labels]}
                for c in SUMMARY_COLUMNS if any(c in h for h in histories.values())]
-    first = labels[0]
+    first = plot_run if plot_run in histories else labels[0]  # the run the curves and confusion matrix show
     written = []
     curves = plot_group_curves(histories[first], plots_dir / f"{name}_groups.png", best_steps.get(first),
                                title=f"{title}: per-group validation accuracy")

@@ -466,7 +466,9 @@ def write_optimization_results(significance_path: Path, decision_path: Path, dia
     from tunewise.reports.groups import group_section
 
     groups = group_section({"baseline": Path(baseline_run_dir), "optimized": optimized_run_dir}, best_steps, report,
-                           reports_dir / "plots", "comparison", f"{diag['experiment']}: baseline")
+                           reports_dir / "plots", "comparison",
+                           f"{diag['experiment']}: {'optimized' if optimized_run_dir else 'baseline'}",
+                           plot_run="optimized")
     text = render(
         "optimization_results.md.j2", **common, groups=groups,
         strategy={k: strategy.get(k) for k in ("requested", "chosen", "reason")},
