@@ -193,9 +193,15 @@ def bench_textcaps() -> list[dict]:
     return run()
 
 
+def bench_pez() -> list[dict]:
+    from pez_bench import bench_pez as run
+
+    return run()
+
+
 ENTRIES = {"loop": bench_loop, "job": bench_job, "sweep": bench_sweep, "parallel": bench_parallel,
            "trust": bench_trust, "groupdro": bench_groupdro,
-           "textcaps": bench_textcaps}
+           "textcaps": bench_textcaps, "pez": bench_pez}
 
 
 def main() -> int:

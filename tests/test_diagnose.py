@@ -515,3 +515,25 @@ def test_strategy_requested_is_honoured_or_rejected():
 
 def test_strategy_ignores_target_without_a_baseline_value():
     assert choose_strategy("auto", [finding("lr_too_high")], None, 0.9, "max", ALL)["chosen"] == "targeted"
+
+
+def test_a_best_so_far_curve_is_not_noisy():
+    # PEZ's primary metric tracks the best prompt so far: it climbs in uneven steps and never falls back
+    steps = np.array([0.0, 0.05, 0.02, 0.0, 0.03, 0.0, 0.3, 0.0, 0.0, 0.35, 0.0, 0.0])
+    val = 0.3 + np.cumsum(steps) / 4
+    assert np.std(np.diff(val[6:])) / (val.max() - val.min()) > 0.15  # what the rule's jitter measure sees
+    findings = diagnose(history(val, val), METRICS, PRIMARY_MAX, "max")
+    assert not {"noisy_validation", "unstable_training"} & {f["id"] for f in findings}
+    # the same steps with a fall back are noise again (here unstable training: the training metric jumps too)
+    val[8] -= 0.1
+    assert "unstable_training" in {f["id"] for f in diagnose(history(val, val), METRICS, PRIMARY_MAX, "max")}
+
+
+def test_trainer_thresholds_come_before_the_experiment_s():
+    from tunewise.phases.diagnose import thresholds_for
+
+    class T:
+        diagnosis_thresholds = {"loss_jitter_rel": 1.0, "min_rows": 6}
+
+    assert thresholds_for(T(), {"diagnose": {"thresholds": {"min_rows": 3}}}) == {"loss_jitter_rel": 1.0, "min_rows": 3}
+    assert thresholds_for(object(), {"diagnose": {"thresholds": None}}) is None

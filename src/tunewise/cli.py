@@ -93,6 +93,48 @@ def cmd_prepare_data(args) -> None:
     print(f"data ready: {info.get('n_rows', '?')} rows -> {args.out}")
 
 
+def cmd_train_clip(args) -> None:
+    """The embedded tiny CLIP of a pez experiment, trained on its prepared shapes (cached on the data)."""
+    from tunewise.devices import set_threads
+    from tunewise.runs import read_json
+    from tunewise.trainers.pez.clip import train_tiny_clip
+    from tunewise.trainers.pez.trainer import tiny_clip_dir
+
+    exp = _experiment(args)
+    if exp["trainer"] != "pez":
+        raise CliError(f"train-clip: experiment {exp['name']!r} uses the {exp['trainer']} trainer, not pez")
+    config = exp["baseline"]
+    out_dir = tiny_clip_dir(config)
+    if out_dir is None:
+        raise CliError(f"train-clip: experiments.{exp['name']}.data.clip names its own weights; nothing to train")
+    out = Path(args.out)
+    if out.resolve() != (out_dir / "clip_metrics.json").resolve():
+        raise CliError(f"train-clip: --out must be {out_dir / 'clip_metrics.json'} (where the pez trainer looks)")
+    data_dir = Path(config["data"]["prepared_dir"])
+    train = config["data"]["clip"]["train"]
+    fingerprint = read_json(data_dir / "meta.json")["fingerprint"]
+    if out.exists():
+        old = read_json(out)
+        if old.get("data_fingerprint") == fingerprint and all(old.get(k) == train[k] for k in train):
+            print(f"{out}: the tiny CLIP for these data and settings is already trained")
+            return
+        out.unlink()  # clip_metrics.json is written last: without it the directory is incomplete
+    threads = set_threads(args.threads)
+    metrics = train_tiny_clip(data_dir, out_dir, epochs=int(train["epochs"]), batch_size=int(train["batch_size"]),
+                              lr=float(train["lr"]), seed=int(train["seed"]), threads=threads)
+    r = metrics["retrieval_val_test"]
+    tracker = _tracker(exp)
+    run_id = tracker.start_run("tiny-clip", _base_tags(exp, "data", args.rule))
+    tracker.log_params(run_id, {"clip." + k: v for k, v in train.items()} | {"parameters": metrics["parameters"]})
+    tracker.log_metrics(run_id, {f"clip/{k}": v for k, v in r.items()} | {"clip/train_seconds": metrics["train_seconds"],
+                                                                          "clip/final_train_loss": metrics["final_train_loss"]})
+    tracker.log_artifact(run_id, out)
+    tracker.end_run(run_id)
+    print(f"tiny CLIP: {metrics['parameters'] / 1e6:.1f}M parameters, {metrics['train_seconds']:.0f} s; held-out "
+          f"image->caption top-1 {r['image_to_caption_top1']:.3f}, top-5 {r['image_to_caption_top5']:.3f} "
+          f"({r['n_images']} images) -> {out}")
+
+
 def _train_config(args, exp: dict) -> dict:
     from tunewise.config import load_yaml, parse_override, set_dotted
 
@@ -111,7 +153,7 @@ def _train_config(args, exp: dict) -> dict:
 def cmd_train(args) -> None:
     from tunewise.devices import resolve_device, set_threads
     from tunewise.runs import RunDir
-    from tunewise.trainers import get_trainer
+    from tunewise.trainers import budget, get_trainer
     from tunewise.trainers.base import NonFiniteLoss, Pruned
     from tunewise.tracking import EpochReporter
 
@@ -164,7 +206,7 @@ def cmd_train(args) -> None:
             "primary": {"name": exp["metric"]["name"], "direction": exp["metric"]["direction"], "best": None, "final": None},
             "best_step": 0,
             "epochs_run": 0 if history is None else int(len(history)),
-            "epochs_planned": int(config["train"]["epochs"]),
+            "epochs_planned": budget(trainer, config),
             "stopped_early": True,
             "device": str(device),
         }
@@ -234,10 +276,13 @@ def _adopt_run(source, run, tracker, run_id: str) -> dict:
 
     shutil.rmtree(run.checkpoints, ignore_errors=True)
     shutil.copytree(source.checkpoints, run.checkpoints, copy_function=link_or_copy)
-    for name in os.listdir(source.path):  # history.csv and trainer files such as confusion_val.json
+    for name in os.listdir(source.path):  # history.csv and trainer files such as confusion_val.json, targets/
         path = source.path / name
         if path.is_file() and name not in ("run.json", "metrics.json", "config.yaml"):
             shutil.copy2(path, run.path / name)
+        elif path.is_dir() and name != "checkpoints":
+            shutil.rmtree(run.path / name, ignore_errors=True)
+            shutil.copytree(path, run.path / name, copy_function=link_or_copy)
     metrics = {**source.require_finished(), "reused_from": str(source.path)}
     metrics.pop("status", None)
     run.update_info(reused_from=str(source.path))
@@ -257,7 +302,7 @@ def _adopt_run(source, run, tracker, run_id: str) -> dict:
 
 def cmd_diagnose(args) -> None:
     from tunewise.config import dump_yaml
-    from tunewise.phases.diagnose import choose_strategy, diagnose, load_run
+    from tunewise.phases.diagnose import choose_strategy, diagnose, load_run, thresholds_for
     from tunewise.phases.recommend import apply_patch, recommend, to_patch
     from tunewise.reports.render import commented_config, write_diagnostic_report
     from tunewise.runs import RunDir, atomic_write_text, write_json
@@ -269,7 +314,7 @@ def cmd_diagnose(args) -> None:
     run.require_finished()
     history, metrics = load_run(run.path)
     metric = exp["metric"]
-    findings = diagnose(history, metrics, metric["name"], metric["direction"], exp["diagnose"]["thresholds"] or None)
+    findings = diagnose(history, metrics, metric["name"], metric["direction"], thresholds_for(trainer, exp))
     config = run.config()
     recs = recommend(findings, config, trainer.knobs)
     patch, changes = to_patch(recs, config, trainer.knobs, top_n=exp["optimize"]["max_recommendations"])
@@ -346,6 +391,7 @@ def cmd_sweep_trial(args) -> None:
 
     from tunewise.phases import sweep
     from tunewise.runs import RunDir, write_json
+    from tunewise.trainers import budget, budget_key, get_trainer
 
     exp = _experiment(args)
     space, base, epochs, sweep_dir = _sweep_setup(args, exp)
@@ -368,14 +414,15 @@ def cmd_sweep_trial(args) -> None:
         trial = study.ask()
         trial.set_user_attr("slot", slot)
         params = sweep.suggest(trial, space)
-        config = sweep.trial_config(base, params, epochs)
+        trainer = get_trainer(exp["trainer"])
+        config = sweep.trial_config(base, params, epochs, budget_key(trainer))
         if stale:
             print(f"slot {slot}: trial(s) {stale} left running by a killed job recorded as failed; re-asked as trial {trial.number}")
         train_args = argparse.Namespace(
             experiment_file=args.experiment_file, run_dir=str(run_dir), config_file=None, seed=None, phase="optimize",
             side=None, threads=args.threads, set=None, rule=args.rule, run_name=f"trial{slot}", force=False,
             parent="sweep", tags={"trial": trial.number, "slot": slot, "study": study.study_name},
-            wrap_reporter=lambda inner: sweep.TrialReporter(inner, trial, exp["metric"]["name"], int(config["train"]["epochs"])),
+            wrap_reporter=lambda inner: sweep.TrialReporter(inner, trial, exp["metric"]["name"], budget(trainer, config)),
             config=config,
         )
         try:
@@ -643,6 +690,9 @@ def cmd_finalize(args) -> None:
     confusion = test.pop("confusion", None)
     if confusion is not None:
         write_json(out / "confusion_test.json", confusion)
+    prompts = test.pop("prompts", None)  # the pez trainer's per-target prompts on the test split
+    if prompts is not None:
+        write_json(out / "prompts_test.json", {"split": "test", "targets": prompts})
     shutil.copyfile(run.checkpoints / "best.pt", out / "best_model_optimized.pt")
     shutil.copyfile(run.checkpoints / "last.pt", out / "last_model_optimized.pt")
     atomic_write_text(out / "final_config.yaml", config_path.read_text(encoding="utf-8"))
@@ -655,6 +705,7 @@ def cmd_finalize(args) -> None:
         "test": test,
         "checkpoints": {"best": str(out / "best_model_optimized.pt"), "last": str(out / "last_model_optimized.pt")},
         "confusion": str(out / "confusion_test.json") if confusion is not None else None,
+        "prompts": str(out / "prompts_test.json") if prompts is not None else None,
     }
     write_json(out / "final.json", final)
     reports = write_final_report(out / "final.json", Path(args.decision), Path(args.reports_dir))
@@ -708,6 +759,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=cmd_prepare_data)
+
+    p = sub.add_parser("train-clip", help="train a pez experiment's embedded tiny CLIP on its prepared data")
+    _common(p)
+    p.add_argument("--out", required=True, help="results/<exp>/data/clip/clip_metrics.json")
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=cmd_train_clip)
 
     p = sub.add_parser("train", help="train one run into a run directory (resumes from last.pt)")
     _common(p)

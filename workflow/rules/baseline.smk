@@ -1,7 +1,7 @@
 rule train_baseline:
     input:
         exp="results/{exp}/experiment.yaml",
-        data="results/{exp}/data/ready.json",
+        data=data_ready,
     output:
         "results/{exp}/baseline/metrics.json",
     params:

@@ -42,6 +42,20 @@ def experiment_json(wildcards):
     )
 
 
+def needs_tiny_clip(exp):
+    """A pez experiment without weights of its own uses the tiny CLIP the train_clip rule trains."""
+    clip = exp.get("data", {}).get("clip") or {}
+    return exp["trainer"] == "pez" and not clip.get("checkpoint") and not clip.get("pretrained")
+
+
+def data_ready(wildcards):
+    """What a training job needs before it starts: the prepared data (and, for pez, the trained tiny CLIP)."""
+    out = [f"results/{wildcards.exp}/data/ready.json"]
+    if needs_tiny_clip(exp_cfg(wildcards)):
+        out.append(f"results/{wildcards.exp}/data/clip/clip_metrics.json")
+    return out
+
+
 def threads_for(wildcards):
     return exp_cfg(wildcards)["resources"]["threads"]
 

@@ -1,7 +1,7 @@
 rule finalize:
     input:
         exp="results/{exp}/experiment.yaml",
-        data="results/{exp}/data/ready.json",
+        data=data_ready,
         decision="results/{exp}/significance/decision.json",
         gate="results/{exp}/gates/optimization_complete.json",
         baseline="results/{exp}/baseline/metrics.json",

@@ -1,7 +1,7 @@
 rule optimize_targeted:
     input:
         exp="results/{exp}/experiment.yaml",
-        data="results/{exp}/data/ready.json",
+        data=data_ready,
         config="results/{exp}/diagnosis/optimization_config.yaml",
         gate="results/{exp}/gates/diagnostics.json",
     output:

@@ -1,7 +1,7 @@
 rule seed_run:
     input:
         exp="results/{exp}/experiment.yaml",
-        data="results/{exp}/data/ready.json",
+        data=data_ready,
         # the optimized side trains the chosen strategy's config; the baseline side the experiment's own
         # (an empty list: `--config-file=` then reads as "none", where a bare flag would eat the next one)
         config=optimized_config,

@@ -3,7 +3,7 @@
 rule sweep_trial:
     input:
         exp="results/{exp}/experiment.yaml",
-        data="results/{exp}/data/ready.json",
+        data=data_ready,
         gate="results/{exp}/gates/diagnostics.json",
         config="results/{exp}/diagnosis/optimization_config.yaml",
     output:

@@ -288,9 +288,12 @@ def _second_half_jitter(values: np.ndarray) -> tuple[float, float] | None:
 
 
 def _noisy_validation(history: pd.DataFrame, val: np.ndarray, primary: str, train: np.ndarray | None,
-                      train_col: str | None, th: dict) -> list[dict]:
+                      train_col: str | None, th: dict, sign: float = 1.0) -> list[dict]:
     measured = _second_half_jitter(val)
     if measured is None:
+        return []
+    if np.all(sign * np.diff(val[len(val) // 2:]) >= 0):
+        # a curve that only ever improves (a best-so-far metric, or a steady climb) has uneven steps, not noise
         return []
     jitter, span = measured
     rel = jitter / span
@@ -323,6 +326,14 @@ def _noisy_validation(history: pd.DataFrame, val: np.ndarray, primary: str, trai
 
 def _bounded(primary: str) -> bool:
     return bool(_BOUNDED_METRIC.search(primary.rsplit("/", 1)[-1].lower()))
+
+
+def thresholds_for(trainer, exp: dict) -> dict | None:
+    """The thresholds a diagnosis of this experiment uses: the trainer's own (`diagnosis_thresholds`, for curves
+    that behave differently, e.g. PEZ's loss at projected prompts), then the experiment's `diagnose.thresholds`."""
+    merged = {**(getattr(trainer, "diagnosis_thresholds", None) or {}),
+              **((exp.get("diagnose") or {}).get("thresholds") or {})}
+    return merged or None
 
 
 def diagnose(history: pd.DataFrame, metrics: dict, primary: str, direction: str,
@@ -370,7 +381,7 @@ def diagnose(history: pd.DataFrame, metrics: dict, primary: str, direction: str,
         train = None
     from_step = metrics.get("objective_from_step")
     found = [*averages, *_training_loss_rules(history, th, int(from_step) if from_step else None),
-             *_noisy_validation(history, val, primary, train, train_col, th)]
+             *_noisy_validation(history, val, primary, train, train_col, th, sign)]
     gap = threshold = train_end = None
     if train is not None:
         train_end = _end(train, th["end_rows"])

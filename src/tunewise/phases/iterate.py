@@ -159,15 +159,14 @@ def decide_round(record: dict, prior: list[dict], direction: str, target: float 
 
 def plan(exp: dict, run_dir: Path) -> tuple[list[dict], dict, list[dict]]:
     """(findings, patch, changes) for the config of `run_dir`, from its history.csv + metrics.json."""
-    from tunewise.phases.diagnose import diagnose, load_run
+    from tunewise.phases.diagnose import diagnose, load_run, thresholds_for
     from tunewise.phases.recommend import recommend, to_patch
     from tunewise.trainers import get_trainer
 
     trainer = get_trainer(exp["trainer"])
     metric = exp["metric"]
     history, metrics = load_run(run_dir)
-    findings = diagnose(history, metrics, metric["name"], metric["direction"],
-                        (exp.get("diagnose") or {}).get("thresholds") or None)
+    findings = diagnose(history, metrics, metric["name"], metric["direction"], thresholds_for(trainer, exp))
     config = RunDir(run_dir).config()
     recs = recommend(findings, config, trainer.knobs)
     patch, changes = to_patch(recs, config, trainer.knobs, top_n=exp["optimize"]["max_recommendations"])

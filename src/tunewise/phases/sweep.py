@@ -166,7 +166,12 @@ def make_pruner(name: str, epochs: int, n_trials: int):
 def open_study(exp: dict, space: dict, base_config: dict, journal: Path, slot: int = 0, attempt: int = 0,
                epochs: int | None = None) -> optuna.Study:
     sweep = exp["optimize"]["sweep"]
-    epochs = epochs or int(base_config["train"]["epochs"])
+    from tunewise.config import get_dotted
+    from tunewise.trainers import budget_key, get_trainer
+
+    # the pruners' resource is the trainer's budget in history steps (epochs, or PEZ steps)
+    key = budget_key(get_trainer(exp["trainer"])) if exp.get("trainer") else "train.epochs"
+    epochs = epochs or int(get_dotted(base_config, key))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return optuna.create_study(
         study_name=study_name(exp, space, base_config),
@@ -208,14 +213,14 @@ def tell_failed(study: optuna.Study, trial: optuna.Trial, kind: str, reason: str
     study.tell(trial, state=TrialState.FAIL)
 
 
-def trial_config(base_config: dict, params: dict, epochs: int | None) -> dict:
+def trial_config(base_config: dict, params: dict, epochs: int | None, budget_key: str = "train.epochs") -> dict:
     from tunewise.config import set_dotted
 
     config = copy.deepcopy(base_config)
     for key, value in params.items():
         set_dotted(config, key, value)
     if epochs:
-        config["train"]["epochs"] = int(epochs)
+        set_dotted(config, budget_key, int(epochs))
     return config
 
 

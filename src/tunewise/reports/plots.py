@@ -5,6 +5,7 @@ replaced atomically, like every other output of the workflow.
 """
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -577,5 +578,59 @@ def plot_confusion(confusion: Mapping, path: Path, title: str = "") -> Path:
     heading = " ".join(p for p in (title, f"({where})" if where else "") if p)
     if heading:
         ax.set_title(heading)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# --- prompt views (the pez trainer: `val/similarity`, `prompts.json` with target images) ----------------
+
+
+def plot_similarity_curve(history: pd.DataFrame, path: Path, split: str = "val", title: str = "") -> Path | None:
+    """PEZ over steps: the current prompts' similarity (train/similarity), the best so far ({split}/similarity),
+    with the ground-truth captions' and random prompts' similarity as reference lines. None without the columns."""
+    best = _series(history, f"{split}/similarity")
+    if best is None:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    current = _series(history, "train/similarity")
+    if current:
+        ax.plot(*current, "-", color="tab:blue", alpha=0.6, label="current prompts (window mean)")
+    ax.plot(*best, "-", color="tab:orange", label="best prompts so far")
+    for column, style, label in ((f"{split}/caption_similarity", "k--", "ground-truth captions"),
+                                 (f"{split}/random_best_similarity", ":", "best of the random prompts"),
+                                 (f"{split}/random_similarity", "-.", "random prompts (mean)")):
+        series = _series(history, column)
+        if series:
+            ax.axhline(float(np.nanmean(series[1])), linestyle=style[-2:] if style.startswith("k") else style,
+                       color="black" if style.startswith("k") else "tab:gray", linewidth=1, label=label)
+    ax.set_xlabel("PEZ step")
+    ax.set_ylabel("cosine similarity to the target image (mean over targets)")
+    ax.legend(loc="lower right", fontsize=8)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_prompt_targets(targets: Sequence[Mapping], images: Sequence[np.ndarray | None], path: Path,
+                        title: str = "", columns: int = 5) -> Path:
+    """The target images in a grid, each with its ground-truth caption and the prompt PEZ found for it."""
+    import textwrap
+
+    n = len(targets)
+    rows = max(1, math.ceil(n / columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.9 * rows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i >= n:
+            continue
+        t = targets[i]
+        if images[i] is not None:
+            ax.imshow(images[i])
+        wrap = lambda s: "\n".join(textwrap.wrap(str(s), 30)) or "''"  # noqa: E731
+        ax.set_title(f"{wrap(t.get('caption', ''))}\n-> {wrap(t.get('prompt', ''))}\nratio {t.get('ratio', float('nan')):.2f}",
+                     fontsize=7)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     return _save(fig, path)

@@ -341,9 +341,15 @@ def write_diagnostic_report(diagnosis_path: Path, baseline_run_dir: Path, report
                            reports_dir / "plots", "baseline", f"{diag['experiment']}: baseline")
     if groups:
         written += groups["written"]
+    from tunewise.reports.prompts import PROMPTS_FILE, prompt_section
+
+    prompts = prompt_section(baseline_run_dir / PROMPTS_FILE, baseline_run_dir, report, reports_dir / "plots",
+                             "baseline", f"{diag['experiment']}: baseline", "baseline run")
+    if prompts:
+        written += prompts["written"]
     strategy = diag.get("strategy") or {}
     text = render(
-        "diagnostic_report.md.j2", groups=groups,
+        "diagnostic_report.md.j2", groups=groups, prompts=prompts,
         experiment=diag["experiment"], trainer=diag.get("trainer"), metric=metric,
         run_dir=str(baseline_run_dir), summary=summary, findings=findings, recommendations=recommendations,
         changes=_changes(diag), patch=list((diag.get("patch") or {}).items()),
@@ -469,8 +475,14 @@ def write_optimization_results(significance_path: Path, decision_path: Path, dia
                            reports_dir / "plots", "comparison",
                            f"{diag['experiment']}: {'optimized' if optimized_run_dir else 'baseline'}",
                            plot_run="optimized")
+    from tunewise.reports.prompts import PROMPTS_FILE, prompt_section
+
+    shown = Path(optimized_run_dir) if optimized_run_dir is not None else Path(baseline_run_dir)
+    prompts = prompt_section(shown / PROMPTS_FILE, shown, report, reports_dir / "plots", "comparison",
+                             f"{diag['experiment']}: {'optimized' if optimized_run_dir else 'baseline'}",
+                             f"{'optimized' if optimized_run_dir else 'baseline'} run")
     text = render(
-        "optimization_results.md.j2", **common, groups=groups,
+        "optimization_results.md.j2", **common, groups=groups, prompts=prompts,
         strategy={k: strategy.get(k) for k in ("requested", "chosen", "reason")},
         skipped=significance["skipped"], skip_reason=sig.get("reason") if significance["skipped"] else None,
         baseline_run=str(baseline_run_dir), optimized_run=str(optimized_run_dir) if optimized_run_dir else None,
@@ -488,6 +500,7 @@ def write_optimization_results(significance_path: Path, decision_path: Path, dia
     atomic_write_text(report, text)
     atomic_write_text(sig_report, render("significance.md.j2", **common))
     return [report, sig_report, curves, seeds, *(groups["written"] if groups else []),
+            *(prompts["written"] if prompts else []),
             *(sweep["written"] if sweep else []),
             *(iterative["written"] if iterative else [])]
 
@@ -528,15 +541,19 @@ def write_final_report(final_path: Path, decision_path: Path, reports_dir: Path)
             r["cells"].append(test.get(f"test/acc/{r['name']}"))
         for r in groups["summary"]:
             r["cells"].append(test.get(r["column"].replace("val/", "test/", 1)))
+    from tunewise.reports.prompts import prompt_section
+
+    prompts = prompt_section(Path(final["prompts"]) if final.get("prompts") else None, run_dir, report,
+                             Path(reports_dir) / "plots", "final", "final model", "final config")
     text = render(
-        "final_report.md.j2", groups=groups,
+        "final_report.md.j2", groups=groups, prompts=prompts,
         chosen_side=final.get("chosen_side"), config_path=final.get("config_path"), run_dir=final.get("run_dir"),
         val={"best": (final.get("val") or {}).get("best"), "best_step": (final.get("val") or {}).get("best_step")},
         test=list((final.get("test") or {}).items()), checkpoints=checkpoints,
         decision={k: decision.get(k) for k in ("option", "label", "next", "chosen_side", "target", "target_met", "rationale")},
     )
     atomic_write_text(report, text)
-    return [report, *(groups["written"] if groups else [])]
+    return [report, *(groups["written"] if groups else []), *(prompts["written"] if prompts else [])]
 
 
 def _experiment_dirs(results_dir: Path) -> Iterable[Path]:

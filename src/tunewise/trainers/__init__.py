@@ -6,6 +6,7 @@ import importlib
 BUILTIN = {
     "latent": "tunewise.trainers.latent.trainer:LatentTrainer",
     "textcaps": "tunewise.trainers.textcaps.trainer:TextCapsTrainer",
+    "pez": "tunewise.trainers.pez.trainer:PezTrainer",
 }
 
 
@@ -27,3 +28,16 @@ def get_trainer(name: str):
     except AttributeError:
         raise AttributeError(f"trainer {name!r}: module {module_name!r} has no {class_name!r}") from None
     return cls()
+
+
+def budget_key(trainer) -> str:
+    """The dotted config key of a trainer's training budget (its `epochs` knob: train.epochs, or pez.iter for
+    PEZ), in the unit its history steps count."""
+    key = getattr(trainer, "knobs", {}).get("epochs", "train.epochs")
+    return key if isinstance(key, str) else key[0]
+
+
+def budget(trainer, config: dict) -> int:
+    from tunewise.config import get_dotted
+
+    return int(get_dotted(config, budget_key(trainer)))

@@ -1,0 +1,7 @@
+"""The pez trainer (seed 000): PEZ hard-prompt discovery against an open_clip CLIP.
+
+Names shared by the modules live here, so that `trainer.py` (imported by every job that resolves the trainer)
+does not import open_clip, and through it torchvision, before a job needs the CLIP."""
+
+TINY_CLIP_NAME = "tunewise-tiny-clip"  # the embedded CLIP's open_clip model name
+CHECKPOINT_NAME = "tiny_clip.pt"
