@@ -272,8 +272,8 @@ class PezTrainer:
             ratios = [b / c for b, c in zip(best, caption_sim)]
             out = {
                 "step": step,
-                f"train/loss": sum(window["loss"]) / len(window["loss"]),
-                f"train/similarity": sum(window["current"]) / len(window["current"]),
+                "train/loss": sum(window["loss"]) / len(window["loss"]),
+                "train/similarity": sum(window["current"]) / len(window["current"]),
                 f"{split}/similarity": sum(best) / n_groups,
                 f"{split}/caption_ratio": sum(ratios) / n_groups,
                 f"{split}/caption_similarity": caption_mean,
