@@ -619,7 +619,8 @@ def plot_prompt_targets(targets: Sequence[Mapping], images: Sequence[np.ndarray 
 
     n = len(targets)
     rows = max(1, math.ceil(n / columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.9 * rows), squeeze=False)
+    # room above each image for up to seven lines of caption, prompt and ratio
+    fig, axes = plt.subplots(rows, columns, figsize=(2.8 * columns, 3.6 * rows), squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i >= n:
@@ -627,7 +628,7 @@ def plot_prompt_targets(targets: Sequence[Mapping], images: Sequence[np.ndarray 
         t = targets[i]
         if images[i] is not None:
             ax.imshow(images[i])
-        wrap = lambda s: "\n".join(textwrap.wrap(str(s), 30)) or "''"  # noqa: E731
+        wrap = lambda s: "\n".join(textwrap.wrap(str(s), 34)) or "''"  # noqa: E731
         ax.set_title(f"{wrap(t.get('caption', ''))}\n-> {wrap(t.get('prompt', ''))}\nratio {t.get('ratio', float('nan')):.2f}",
                      fontsize=7)
     if title:
