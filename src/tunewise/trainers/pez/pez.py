@@ -247,24 +247,27 @@ class Vocabulary:
         return nearest
 
     def _bf16_is_faster(self) -> bool:
-        """bf16 GEMMs are fast on GPUs and CPUs with bf16 units (AVX512-BF16, AMX) and slow elsewhere: time
-        one projection of each kind on this matrix and keep the faster (both give the same ids)."""
+        """bf16 GEMMs are fast on GPUs and CPUs with bf16 units (AVX512-BF16, AMX) and many times slower elsewhere
+        (seen: 10x on a CPU without them): time one GEMM of each kind on a 4096-row slice of the matrix, so the
+        probe costs little where bf16 is slow, and keep bf16 only when it wins clearly (the shortlist's exact
+        check adds its own cost). Both paths give the same ids."""
         if self.normed_t.dtype != torch.float32 or self.normed_t.shape[1] < 4096:
             return False
         q = F.normalize(torch.randn(32, self.normed_t.shape[0], device=self.normed_t.device), dim=1)
+        fp32, bf16, qb = self.normed_t[:, :4096], self._normed_t_bf16[:, :4096], q.bfloat16()
 
         def clock(fn) -> float:
-            fn(q)
+            fn()
             if q.is_cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             for _ in range(3):
-                fn(q)
+                fn()
             if q.is_cuda:
                 torch.cuda.synchronize()
             return time.perf_counter() - t0
 
-        return clock(self._nearest_bf16) < 0.8 * clock(self._nearest_fp32)
+        return clock(lambda: torch.mm(qb, bf16)) < 0.6 * clock(lambda: torch.mm(q, fp32))
 
     def sample(self, shape: Sequence[int], generator: torch.Generator) -> torch.Tensor:
         """Random allowed ids (drawn on the CPU so a seed gives the same prompt on every device)."""
@@ -472,6 +475,7 @@ def _run_once(tower: TextTower, vocab: Vocabulary, template: _Template, targets:
     start = -math.inf if maximise else math.inf
     best, best_ids, since = [start] * n_groups, [None] * n_groups, [0] * n_groups
     stopped, step, previous = False, 0, init_ids.to(device)
+    report_churn = callback is not None and n_groups > 1
     for step in range(cfg.iter):
         sub = targets[:, torch.randperm(n, generator=subsets)[: cfg.batch_size].to(device)] if sample else targets
         ids, hard = vocab.project(soft)
@@ -493,9 +497,9 @@ def _run_once(tower: TextTower, vocab: Vocabulary, template: _Template, targets:
                 scores = (cos.detach() if not sample else torch.bmm(targets, feats.detach().transpose(1, 2))).mean(dim=1)
                 pick = scores.argmax(dim=1) if maximise else scores.argmin(dim=1)
                 current = scores.gather(1, pick[:, None]).squeeze(1).tolist()
-                # share of prompt tokens whose projection moved since the last evaluation: how hard the search churns
-                changed = float((ids != previous).float().mean())
-                previous = ids
+                if report_churn:  # share of prompt tokens whose projection moved since the last evaluation
+                    changed = float((ids != previous).float().mean())
+                    previous = ids
             grouped = ids.view(n_groups, cfg.prompt_bs, cfg.prompt_len)
             loss_values = losses.detach().tolist()
             for g in range(n_groups):
