@@ -98,6 +98,7 @@ def cmd_train_clip(args) -> None:
     from tunewise.devices import set_threads
     from tunewise.runs import read_json
     from tunewise.trainers.pez.clip import train_tiny_clip
+    from tunewise.trainers.base import data_root
     from tunewise.trainers.pez.trainer import tiny_clip_dir
 
     exp = _experiment(args)
@@ -110,7 +111,7 @@ def cmd_train_clip(args) -> None:
     out = Path(args.out)
     if out.resolve() != (out_dir / "clip_metrics.json").resolve():
         raise CliError(f"train-clip: --out must be {out_dir / 'clip_metrics.json'} (where the pez trainer looks)")
-    data_dir = Path(config["data"]["prepared_dir"])
+    data_dir = data_root(config)  # the shapes: generated into prepared_dir, or the user's data.path
     train = config["data"]["clip"]["train"]
     fingerprint = read_json(data_dir / "meta.json")["fingerprint"]
     if out.exists():

@@ -22,6 +22,24 @@ class NonFiniteLoss(RuntimeError):
         self.value = value
 
 
+def check_data_source(data: dict) -> None:
+    """The `data.source` / `data.path` pair every built-in trainer takes: embedded data, or a user path."""
+    if data["source"] not in ("embedded", "path"):
+        raise ValueError(f"data.source: expected 'embedded' or 'path', got {data['source']!r}")
+    if data["source"] == "path" and not data.get("path"):
+        raise ValueError("data.path: required when data.source is 'path'")
+
+
+def data_root(config: dict) -> Path:
+    """Where a run reads its data: the user's `data.path`, or the directory `prepare_data` filled."""
+    data = config["data"]
+    if data["source"] == "path":
+        return Path(data["path"])
+    if not data.get("prepared_dir"):
+        raise ValueError("data.prepared_dir: not set (prepare the data first)")
+    return Path(data["prepared_dir"])
+
+
 @runtime_checkable
 class Trainer(Protocol):
     name: str

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from tunewise.trainers.base import check_data_source
 from tunewise.trainers.latent import data as latent_data
 from tunewise.trainers.latent.model import LatentModel, multitask_loss, regression_metrics
 
@@ -56,11 +57,8 @@ class LatentTrainer:
 
     def check_config(self, config: dict) -> None:
         data = config["data"]
-        if data["source"] not in ("embedded", "path"):
-            raise ValueError(f"data.source: expected 'embedded' or 'path', got {data['source']!r}")
+        check_data_source(data)
         if data["source"] == "path":
-            if not data.get("path"):
-                raise ValueError("data.path: required when data.source is 'path'")
             if not Path(data["path"]).exists():
                 raise FileNotFoundError(f"data.path: file not found: {data['path']}")
         if not data["targets"]:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tunewise.trainers.base import NonFiniteLoss
+from tunewise.trainers.base import NonFiniteLoss, check_data_source, data_root
 from tunewise.trainers.pez import shapes
 from tunewise.trainers.pez import CHECKPOINT_NAME, TINY_CLIP_NAME
 
@@ -120,11 +120,8 @@ class PezTrainer:
         from tunewise.trainers.pez.pez import PezConfig
 
         data = config["data"]
-        if data["source"] not in ("embedded", "path"):
-            raise ValueError(f"data.source: expected 'embedded' or 'path', got {data['source']!r}")
+        check_data_source(data)
         if data["source"] == "path":
-            if not data.get("path"):
-                raise ValueError("data.path: required when data.source is 'path'")
             if not (Path(data["path"]) / "meta.json").is_file():
                 raise FileNotFoundError(f"data.path: {data['path']} has no meta.json (a directory written by "
                                         f"tunewise.trainers.pez.shapes.write_split is expected)")
@@ -179,17 +176,8 @@ class PezTrainer:
         return {"source": "embedded", "n_rows": sum(meta["counts"].values()), "counts": meta["counts"],
                 "fingerprint": meta["fingerprint"]}
 
-    @staticmethod
-    def _data_dir(config: dict) -> Path:
-        data = config["data"]
-        if data["source"] == "path":
-            return Path(data["path"])
-        if not data.get("prepared_dir"):
-            raise ValueError("data.prepared_dir: not set (prepare the data first)")
-        return Path(data["prepared_dir"])
-
     def _targets(self, config: dict, split: str) -> tuple[np.ndarray, list[str], list[str]]:
-        images, ids, captions = shapes.load_split(self._data_dir(config), split)
+        images, ids, captions = shapes.load_split(data_root(config), split)
         n = min(int(config["data"]["n_targets"]), len(ids))
         return images[:n], ids[:n], captions[:n]
 

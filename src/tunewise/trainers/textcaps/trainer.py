@@ -27,6 +27,7 @@ from torch import nn
 
 from tunewise.runs import CONFUSION_FILE, read_json, write_json
 from tunewise.train.optim import OPTIMIZERS, SCHEDULES
+from tunewise.trainers.base import check_data_source, data_root
 from tunewise.trainers.textcaps import data as tc_data
 from tunewise.trainers.textcaps.anchors import SEP_METHODS, GaussianAnchors, anchor_losses, build_head
 from tunewise.trainers.textcaps.encoders import MODALITIES, backbone_prefixes, build_encoder
@@ -273,11 +274,8 @@ class TextCapsTrainer:
     # --- config ---------------------------------------------------------------------------------
     def check_config(self, config: dict) -> None:
         data, m, a, dro = config["data"], config["model"], config["anchors"], config["groupdro"]
-        if data["source"] not in ("embedded", "path"):
-            raise ValueError(f"data.source: expected 'embedded' or 'path', got {data['source']!r}")
+        check_data_source(data)
         if data["source"] == "path":
-            if not data.get("path"):
-                raise ValueError("data.path: required when data.source is 'path'")
             if not Path(data["path"]).exists():
                 raise FileNotFoundError(f"data.path: not found: {data['path']}")
         tc_data.resolve_generator_config(data.get("generator"))
@@ -382,18 +380,9 @@ class TextCapsTrainer:
         return {"source": "path", "path": str(root), "classes": classes}
 
     # --- data -----------------------------------------------------------------------------------
-    @staticmethod
-    def _root(config: dict) -> Path:
-        data = config["data"]
-        if data["source"] == "path":
-            return Path(data["path"])
-        if not data.get("prepared_dir"):
-            raise ValueError("data.prepared_dir: not set (prepare the data first)")
-        return Path(data["prepared_dir"])
-
     def _datasets(self, config: dict, splits: Sequence[str]) -> dict[str, tc_data.TextCapsDataset]:
         data = config["data"]
-        records = tc_data.load_splits(self._root(config), data, splits)
+        records = tc_data.load_splits(data_root(config), data, splits)
         return {
             s: tc_data.TextCapsDataset(r, data["groups"], data["mode"], data["text_source"], int(data["max_len"]))
             for s, r in records.items()
