@@ -1,4 +1,4 @@
-# tunewise: baseline -> diagnose -> optimize -> multi-seed significance -> finalize.
+# tunewise: baseline -> diagnose -> optimize -> multi-seed significance -> finalize (-> design, latent).
 # Run: snakemake --cores 8 --resources gpu=1   (see README.md)
 import os
 
@@ -22,11 +22,12 @@ include: "workflow/rules/sweep.smk"
 include: "workflow/rules/iterative.smk"
 include: "workflow/rules/significance.smk"
 include: "workflow/rules/finalize.smk"
+include: "workflow/rules/design.smk"
 include: "workflow/rules/report.smk"
 
 
 rule all:
     input:
         "reports/index.md",
-        expand("results/{exp}/final/final.json", exp=EXPERIMENTS),
+        [path for exp in EXPERIMENTS for path in experiment_outputs(exp)],
     default_target: True

@@ -199,9 +199,15 @@ def bench_pez() -> list[dict]:
     return run()
 
 
+def bench_design() -> list[dict]:
+    from design_bench import bench as run
+
+    return run(_row)
+
+
 ENTRIES = {"loop": bench_loop, "job": bench_job, "sweep": bench_sweep, "parallel": bench_parallel,
            "trust": bench_trust, "groupdro": bench_groupdro,
-           "textcaps": bench_textcaps, "pez": bench_pez}
+           "textcaps": bench_textcaps, "pez": bench_pez, "design": bench_design}
 
 
 def main() -> int:

@@ -74,3 +74,35 @@ def test_helpers():
     assert parse_override("optim.lr=0.01") == ("optim.lr", 0.01)
     a = {"x": [1, 2], "y": {"z": 1}}
     assert config_hash(a) == config_hash(copy.deepcopy(a)) != config_hash({"x": [2, 1], "y": {"z": 1}})
+
+
+def _latent(**exp):
+    return {"experiments": {"m": {"trainer": "latent", "data": {"source": "embedded"}, **exp}}}
+
+
+def test_design_block_becomes_the_trainer_configs_design_section():
+    cfg = validate(_latent(design={"restarts": 8, "alpha": 0.25, "bounds": [-3, 3],
+                                   "constraints": [{"task": "kappa_p", "max": 10.0}]}))
+    exp = resolve_experiment(cfg, "m")
+    design = exp["baseline"]["design"]
+    assert design["restarts"] == 8 and design["alpha"] == 0.25 and design["bounds"] == [-3, 3]
+    assert design["steps"] == 300 and design["objectives"][0]["task"] == "PF_p"  # the trainer's defaults
+    assert "design" not in exp  # one place: the trainer config, where the optimisation phases can tune it
+
+
+@pytest.mark.parametrize("exp, needle", [
+    ({"design": {"restart": 8}}, "experiments.m.design.restart: unknown key (did you mean 'restarts'?)"),
+    ({"design": {"steps": "many"}}, "experiments.m.design.steps: expected int"),
+    ({"design": {"objectives": [{"task": "zT"}]}}, "design.objectives[0].task: 'zT' is not a target column"),
+    ({"design": {"plateau": {"factr": 0.5}}}, "experiments.m.design.plateau.factr: unknown key"),
+    ({"baseline": {"design": {"steps": 5}}}, "experiments.m.baseline.design: put these settings under experiments.m.design"),
+])
+def test_bad_design_blocks_name_the_key(exp, needle):
+    with pytest.raises(ConfigError) as e:
+        validate(_latent(**exp))
+    assert needle in str(e.value)
+
+
+def test_design_block_on_a_trainer_without_design_is_refused():
+    with pytest.raises(ConfigError, match=r"experiments.e1.design: the toy_trainer:ToyTrainer trainer has no design phase"):
+        validate(base_config(design={"restarts": 4}))

@@ -61,7 +61,7 @@ def test_dry_run_lists_every_phase_rule(tmp_path):
     listed = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
                              "--configfile", str(REPO / "config" / "test.yaml"), "--list-rules"],
                             capture_output=True, text=True, env=_env())
-    for rule in ("optimize_targeted", "significance", "gate", "finalize", "report_index"):
+    for rule in ("optimize_targeted", "significance", "gate", "finalize", "design", "report_index"):
         assert rule in listed.stdout, rule
 
 
@@ -148,6 +148,45 @@ def test_same_config_and_seed_is_trained_once(finished):
         assert "adopted its finished run" in (results / "logs" / _log_name(copy)).read_text()
     # seeds other than the experiment's own are trained
     assert "reused_from" not in _metrics(results / "seeds" / "baseline" / "seed1" / "run.json")
+
+
+def test_design_ends_the_latent_experiment_with_a_report_from_its_files(finished):
+    """The design rule ran on the final model: design.json holds every restart, the report names the best
+    designs with their predicted properties, round trip and nearest known compounds from that file, and the
+    run is in MLflow under the final run."""
+    from mlflow.tracking import MlflowClient
+
+    work, _ = finished
+    results, reports = work / "results" / EXP, work / "reports" / EXP
+    design = _metrics(results / "design" / "design.json")
+    final = _metrics(results / "final" / "final.json")
+    assert design["checkpoint"] == final["checkpoints"]["best"]
+    assert design["settings"]["restarts"] == 16 and design["settings"]["constraints"] == [{"task": "S_p", "min": 100}]
+    assert len(design["restarts"]) == design["summary"]["restarts"]
+    assert [r["alpha"] for r in design["alpha_study"]] == [0.0, 0.5, 1.0]
+    text = (reports / "design_report.md").read_text()
+    passed = [r for r in design["restarts"] if r["ok"]]
+    if passed:
+        best = passed[0]
+        assert best["predicted"]["S_p"] >= 100 * (1 - 1e-3)  # the constraint, in physical units
+        assert f"restart {best['restart']}" in text
+        assert f"PF_p = {best['predicted_roundtrip']['PF_p']:.4g}" in text
+        assert best["neighbours"][0]["formula"] in text and best["neighbours"][0]["id"] in text
+    else:
+        assert "no design passed the round-trip check" in text
+    for row in design["alpha_study"]:
+        assert f"| {row['alpha']:.4g} | {100 * row['off_manifold_rate']:.4g}% |" in text
+    for plot in ("design_trajectories.png", "design_scores.png", "design_vs_known_PF_p.png", "design_alpha_study.png"):
+        assert (reports / "plots" / plot).stat().st_size > 1000 and f"plots/{plot}" in text
+    assert "design report" in (work / "reports" / "index.md").read_text()
+    client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(EXP)
+    runs = client.search_runs([exp.experiment_id], "tags.phase = 'design'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    final_run = _metrics(results / "final" / "run" / "run.json")["mlflow_run_id"]
+    assert runs[0].data.tags["mlflow.parentRunId"] == final_run
+    assert runs[0].data.metrics["design/restarts"] == design["summary"]["restarts"]
+    assert runs[0].data.params["design.alpha"] == str(design["settings"]["alpha"])
 
 
 def _log_name(run_dir: Path) -> str:

@@ -719,6 +719,65 @@ def cmd_finalize(args) -> None:
     print(f"finalized {exp['name']} with the {decision['chosen_side']} config: {primary_test} = {test.get(primary_test)}")
 
 
+def cmd_design(args) -> None:
+    """Inverse design on the final model (latent trainer): design.json, the CSVs beside it, design_report.md."""
+    from tunewise.config import ConfigError, load_yaml, parse_override
+    from tunewise.devices import resolve_device, set_threads
+    from tunewise.reports.design import write_design_report
+    from tunewise.runs import RunDir, read_json, write_json
+    from tunewise.trainers import get_trainer
+
+    exp = _experiment(args)
+    trainer = get_trainer(exp["trainer"])
+    if not hasattr(trainer, "design"):
+        raise CliError(f"design: the {exp['trainer']} trainer of {exp['name']!r} has no design phase")
+    final = read_json(args.final)
+    config = load_yaml(final["config_path"])
+    overrides = {}
+    for text in args.set or []:
+        key, value = parse_override(text)
+        overrides[key.removeprefix("design.")] = value
+    known = trainer.default_config()["design"]
+    unknown = set(overrides) - set(known)
+    if unknown:
+        raise ConfigError(f"design --set: unknown design key(s) {sorted(unknown)}; known: {', '.join(sorted(known))}")
+    set_threads(args.threads)
+    device = resolve_device(exp["device"])
+    out = Path(args.out_dir)
+    try:
+        result = trainer.design(config, Path(final["checkpoints"]["best"]), device, out, overrides,
+                                progress=None if args.progress else False)
+    except ValueError as e:
+        raise CliError(f"design of {exp['name']}: {e}") from None
+    result = {"experiment": exp["name"], "final": str(args.final), **result}
+    reports = write_design_report(result, Path(args.reports_dir))
+
+    # MLflow: one `design` run nested under the final run; its id is kept so a rerun updates it, not a copy
+    tracker = _tracker(exp)
+    state = out / "mlflow_run.json"
+    run_id = read_json(state)["run_id"] if state.exists() else None
+    if run_id is None:
+        parent = RunDir(Path(final["run_dir"])).info().get("mlflow_run_id") if final.get("run_dir") else None
+        run_id = tracker.start_run("design", _base_tags(exp, "design", args.rule, config), parent_id=parent)
+        write_json(state, {"run_id": run_id})
+    else:
+        tracker.resume_run(run_id)
+    tracker.log_params(run_id, {"design": result["settings"]})
+    summary = result["summary"]
+    tracker.log_metrics(run_id, {f"design/{k}": v for k, v in summary.items()})
+    for row in result["alpha_study"]:
+        tracker.log_metrics(run_id, {f"design/alpha_{row['alpha']:g}/{k}": row[k]
+                                     for k in ("off_manifold_rate", "validated_score", "best_score")})
+    write_json(out / "design.json", result)  # last: its presence means the design is complete
+    for path in [out / "design.json", *result["files"].values(), *reports]:
+        tracker.log_artifact(run_id, path, "reports" if Path(path).suffix in (".md", ".png") else None)
+    tracker.end_run(run_id)
+    best = result["restarts"][0] if result["restarts"] and result["restarts"][0]["ok"] else None
+    print(f"design of {exp['name']}: {summary['ok']}/{summary['restarts']} designs passed the round trip"
+          + (f"; best validated score {summary['validated_score']:.4g} (restart {best['restart']})" if best else "")
+          + f" -> {out / 'design.json'}")
+
+
 def cmd_report_index(args) -> None:
     from tunewise.reports.render import write_index
 
@@ -837,6 +896,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reports-dir", required=True)
     p.add_argument("--threads", type=int)
     p.set_defaults(func=cmd_finalize)
+
+    p = sub.add_parser("design", help="Phase 6 (latent): batched inverse design on the final model, design_report.md")
+    _common(p)
+    p.add_argument("--final", required=True, help="results/<exp>/final/final.json")
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--reports-dir", required=True)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="a design setting for this run, e.g. restarts=200 or alpha=0 (YAML value)")
+    p.add_argument("--progress", action="store_true", help="a progress bar over the design steps")
+    p.set_defaults(func=cmd_design)
 
     p = sub.add_parser("report-index", help="reports/index.md across experiments")
     _common(p, experiment=False)

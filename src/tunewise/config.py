@@ -148,19 +148,24 @@ def _type_ok(default: Any, value: Any) -> bool:
     return True
 
 
-def _check_against_defaults(values: dict, defaults: dict, where: str, open_keys: set[str]) -> None:
+def _check_against_defaults(values: dict, defaults: dict, where: str, open_keys: set[str], key_path: str = "") -> None:
+    """Unknown keys and wrong types against the trainer's defaults. `key_path` is the trainer-config key of
+    `values` (e.g. "optim"); an open key's value (a user-named mapping, or a value of several shapes such as
+    design.bounds) is left to the trainer's check_config."""
     for key, value in values.items():
         dotted = f"{where}.{key}"
+        rel = f"{key_path}.{key}" if key_path else key
         if key not in defaults:
             close = difflib.get_close_matches(key, list(defaults), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"{dotted}: unknown key{hint}; known keys: {', '.join(sorted(defaults))}")
-        default = defaults[key]
-        if not _type_ok(default, value):
+        default, is_open = defaults[key], rel in open_keys
+        # an open mapping must still be a mapping; an open scalar may take any shape
+        if not _type_ok(default, value) and not (is_open and not isinstance(default, dict)):
             expected = "number" if isinstance(default, float) else type(default).__name__
             raise ConfigError(f"{dotted}: expected {expected}, got {type(value).__name__} {value!r}")
-        if isinstance(default, dict) and isinstance(value, dict) and dotted.split(".", 2)[-1] not in open_keys and default:
-            _check_against_defaults(value, default, dotted, open_keys)
+        if isinstance(default, dict) and isinstance(value, dict) and default and not is_open:
+            _check_against_defaults(value, default, dotted, open_keys, rel)
 
 
 def resolve_experiment(config: dict, name: str) -> dict:
@@ -181,11 +186,19 @@ def resolve_experiment(config: dict, name: str) -> dict:
     except (KeyError, ImportError, AttributeError) as e:
         raise ConfigError(f"{where}.trainer: {e}") from None
     defaults = trainer.default_config()
-    _check_against_defaults(exp["data"], defaults["data"], f"{where}.data", trainer.open_config_keys)
+    _check_against_defaults(exp["data"], defaults["data"], f"{where}.data", trainer.open_config_keys, "data")
     _check_against_defaults(exp["baseline"], defaults, f"{where}.baseline", trainer.open_config_keys)
-    if "data" in exp["baseline"]:
-        raise ConfigError(f"{where}.baseline.data: put data settings under {where}.data")
+    for section in ("data", "design"):
+        if section in exp["baseline"]:
+            raise ConfigError(f"{where}.baseline.{section}: put these settings under {where}.{section}")
+    if "design" in defaults:
+        # the design block is part of the trainer config: the optimisation phases can tune its knobs
+        _check_against_defaults(exp["design"], defaults["design"], f"{where}.design", trainer.open_config_keys, "design")
+    elif exp["design"]:
+        raise ConfigError(f"{where}.design: the {exp['trainer']} trainer has no design phase (only latent has)")
     resolved = deep_merge(defaults, {"data": exp["data"]})
+    if "design" in defaults:
+        resolved = deep_merge(resolved, {"design": exp["design"]})
     resolved = deep_merge(resolved, exp["baseline"])
     try:
         trainer.check_config(resolved)
@@ -200,8 +213,15 @@ def resolve_experiment(config: dict, name: str) -> dict:
     exp["name"] = name
     exp["baseline"] = resolved
     exp.pop("data")
+    exp.pop("design")
     exp["tracking"] = {"uri": config.get("tracking", {}).get("uri")}
     return exp
+
+
+def design_enabled(exp: dict) -> bool:
+    """Whether a resolved experiment ends with a design phase: its trainer has one and it is not switched off."""
+    design = exp["baseline"].get("design")
+    return isinstance(design, dict) and bool(design.get("enabled", True))
 
 
 def validate(config: Any) -> dict:

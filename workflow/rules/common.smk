@@ -4,7 +4,7 @@ import os
 
 from snakemake.exceptions import WorkflowError
 
-from tunewise.config import ConfigError, validate
+from tunewise.config import ConfigError, design_enabled, resolve_experiment, validate
 from tunewise.devices import cuda_expected
 
 try:
@@ -16,6 +16,8 @@ config.clear()
 config.update(_validated)
 
 EXPERIMENTS = list(config["experiments"])
+# experiments whose trainer designs (latent) with the design block switched on: they end with the design rule
+DESIGN_EXPERIMENTS = [e for e in EXPERIMENTS if design_enabled(resolve_experiment(config, e))]
 
 # The software each rule runs with, for `--software-deployment-method conda`; by default the rules run in
 # the environment `make install` made, where the `tunewise` CLI is on PATH.
@@ -138,6 +140,14 @@ def significance_inputs(wildcards):
     inputs = {"optimize": optimize_outputs(wildcards)}
     inputs["optimized"] = seed_runs(wildcards, "optimized") if inputs["optimize"] else []
     return inputs
+
+
+def experiment_outputs(exp):
+    """What finishes an experiment: the final model, and the design on it where the experiment designs."""
+    out = [f"results/{exp}/final/final.json"]
+    if exp in DESIGN_EXPERIMENTS:
+        out.append(f"results/{exp}/design/design.json")
+    return out
 
 
 def run_dirs(paths):

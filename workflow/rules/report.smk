@@ -1,6 +1,6 @@
 rule report_index:
     input:
-        expand("results/{exp}/final/final.json", exp=EXPERIMENTS),
+        [path for exp in EXPERIMENTS for path in experiment_outputs(exp)],
     output:
         report("reports/index.md", caption="../report/index.rst", category="Overview"),
     conda:

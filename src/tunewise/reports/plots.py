@@ -635,3 +635,98 @@ def plot_prompt_targets(targets: Sequence[Mapping], images: Sequence[np.ndarray 
         fig.suptitle(title)
     fig.tight_layout()
     return _save(fig, path)
+
+
+# --- latent inverse design (design_report.md) -----------------------------------------------------
+
+DESIGN_COLOURS = {True: "tab:green", False: "tab:red"}  # passed the round trip / off-manifold or infeasible
+
+
+def plot_design_trajectories(trajectory: np.ndarray, ok: Sequence[bool], path: Path, title: str = "") -> Path:
+    """Score of every restart over the design steps ([steps, restarts], NaN once a restart stopped)."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = np.arange(1, trajectory.shape[0] + 1)
+    for flag in (False, True):  # passing restarts drawn on top
+        cols = [r for r in range(trajectory.shape[1]) if bool(ok[r]) == flag]
+        for i, r in enumerate(cols):
+            ax.plot(steps, trajectory[:, r], color=DESIGN_COLOURS[flag], alpha=0.35, lw=0.8,
+                    label=("passed the round trip" if flag else "off-manifold or infeasible") if i == 0 else None)
+    ax.set_xlabel("design step")
+    ax.set_ylabel("objective score at z (model units)")
+    ax.set_title(title or "design trajectories, one line per restart")
+    if trajectory.shape[1]:
+        ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_design_scores(score: Sequence[float], score_rt: Sequence[float], ok: Sequence[bool], path: Path,
+                       title: str = "") -> Path:
+    """Distribution of the final scores: as promised at z* and as validated at E(D(z*))."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    score, score_rt = np.asarray(score, dtype=float), np.asarray(score_rt, dtype=float)
+    finite = np.concatenate([score[np.isfinite(score)], score_rt[np.isfinite(score_rt)]])
+    bins = np.histogram_bin_edges(finite, bins=min(30, max(5, len(score)))) if len(finite) else 10
+    ax.hist(score[np.isfinite(score)], bins=bins, alpha=0.5, color="tab:gray", label="at z* (promised)")
+    ax.hist(score_rt[np.isfinite(score_rt)], bins=bins, alpha=0.6, color="tab:blue", label="at E(D(z*)) (round trip)")
+    ax.set_xlabel("objective score (model units)")
+    ax.set_ylabel("restarts")
+    n_ok = int(np.sum(np.asarray(ok, dtype=bool)))
+    ax.set_title(title or f"final scores of {len(score)} restarts ({n_ok} passed the round trip)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_design_vs_known(points: Sequence[Mapping], task: str, unit: str, log: bool, path: Path,
+                         best_known: float | None = None, title: str = "") -> Path:
+    """Per design: predicted property (x) against the measured value of its nearest known compound (y).
+    `points`: {"predicted", "predicted_roundtrip", "nearest", "ok"}."""
+    fig, ax = plt.subplots(figsize=(5.2, 4.6))
+    values = []
+    for flag in (False, True):
+        pts = [p for p in points if bool(p["ok"]) == flag and p.get("predicted") is not None and p.get("nearest") is not None]
+        if not pts:
+            continue
+        x = np.array([p["predicted_roundtrip"] if p.get("predicted_roundtrip") is not None else np.nan for p in pts], float)
+        y = np.array([p["nearest"] for p in pts], float)
+        ax.scatter(x, y, s=18, color=DESIGN_COLOURS[flag], alpha=0.7,
+                   label="passed the round trip" if flag else "off-manifold or infeasible")
+        values += [v for v in np.concatenate([x, y]) if np.isfinite(v) and (v > 0 or not log)]
+    if values:
+        lo, hi = min(values), max(values)
+        if best_known is not None and np.isfinite(best_known):
+            hi = max(hi, best_known)
+            ax.axhline(best_known, color="tab:purple", ls=":", lw=1, label=f"best known {task} in the data")
+        ax.plot([lo, hi], [lo, hi], color="k", lw=0.8, ls="--", label="y = x")
+        if log and lo > 0:
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    else:
+        _no_data(ax, "designs")
+    suffix = f" ({unit})" if unit else ""
+    ax.set_xlabel(f"predicted {task} of the design (round trip){suffix}")
+    ax.set_ylabel(f"measured {task} of the nearest known compound{suffix}")
+    ax.set_title(title or f"{task}: designs against their nearest known compounds")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_alpha_study(rows: Sequence[Mapping], path: Path, chosen: float | None = None) -> Path:
+    """Off-manifold rate and best validated score against the alignment weight alpha."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    rows = sorted(rows, key=lambda r: r["alpha"])
+    alphas = [r["alpha"] for r in rows]
+    ax.plot(alphas, [r["off_manifold_rate"] for r in rows], "o-", color="tab:red", label="off-manifold rate")
+    ax.set_xlabel("alignment weight alpha")
+    ax.set_ylabel("off-manifold rate", color="tab:red")
+    ax.set_ylim(-0.05, 1.05)
+    ax2 = ax.twinx()
+    ax2.plot(alphas, [r["validated_score"] for r in rows], "s--", color="tab:blue", label="best validated score")
+    ax2.set_ylabel("best validated score (model units)", color="tab:blue")
+    if chosen is not None:
+        ax.axvline(chosen, color="k", lw=0.8, ls=":")
+    ax.set_title("alpha study: same restarts, steps and seeds at each alpha")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)

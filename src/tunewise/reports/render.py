@@ -22,7 +22,7 @@ from tunewise.runs import atomic_write_text, read_json
 
 TEMPLATES_ENV = "TUNEWISE_TEMPLATES"
 RATIONALE_WIDTH = 100  # a config comment stays on one readable line
-REPORT_NAMES = ("diagnostic_report.md", "optimization_results.md", "significance.md", "final_report.md")
+REPORT_NAMES = ("diagnostic_report.md", "optimization_results.md", "significance.md", "final_report.md", "design_report.md")
 
 
 # --- formatting -----------------------------------------------------------------------------

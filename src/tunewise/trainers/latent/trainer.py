@@ -2,6 +2,11 @@
 
 Encoder -> latent -> one head per property, plus a decoder back to the descriptor, trained
 jointly on weighted task losses and reconstruction. Primary metric: validation mean R^2.
+
+The config's `design` section (the experiment's `design:` block) drives the inverse design the
+`design` rule runs on the final model (tunewise.trainers.latent.design). With `metric.name:
+design/validated_score` every epoch also runs that design, so the optimisation phases can tune
+the design knobs (and pick the checkpoint) by the round-trip-validated score.
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import torch
 
 from tunewise.trainers.base import check_data_source
 from tunewise.trainers.latent import data as latent_data
+from tunewise.trainers.latent.design import DEFAULT_DESIGN, check_design_config
 from tunewise.trainers.latent.model import LatentModel, multitask_loss, regression_metrics
 
 DEFAULT_CONFIG = {
@@ -29,7 +35,9 @@ DEFAULT_CONFIG = {
         "amp": "auto",
         "eval_train_samples": 4096,  # train metrics on a fixed subset: the gap needs them, not all rows
     },
+    "design": DEFAULT_DESIGN,
 }
+DESIGN_METRICS = ("design/validated_score", "design/best_score", "design/off_manifold_rate", "design/ok_rate")
 
 
 class LatentTrainer:
@@ -49,8 +57,14 @@ class LatentTrainer:
         "patience": "train.patience",
         "augmentation": "data.noise",
         "recon_weight": "loss.recon_weight",
+        # the design's own knobs: tuned when the metric is a design metric (design/validated_score)
+        "restarts": "design.restarts",
+        "design_lr": "design.lr",
+        "design_steps": "design.steps",
+        "design_l2": "design.l2",
+        "alpha": "design.alpha",
     }
-    open_config_keys = {"optim.param_groups", "data.split", "loss.task_weights"}
+    open_config_keys = {"optim.param_groups", "data.split", "loss.task_weights", "design.bounds"}
 
     def default_config(self) -> dict:
         return copy.deepcopy(DEFAULT_CONFIG)
@@ -68,6 +82,7 @@ class LatentTrainer:
                 raise ValueError(f"baseline.train.{key}: must be >= 1, got {config['train'][key]}")
         if float(config["optim"]["lr"]) <= 0:
             raise ValueError(f"baseline.optim.lr: must be > 0, got {config['optim']['lr']}")
+        check_design_config(config["design"], list(data["targets"]))
 
     def search_space(self) -> dict:
         return {
@@ -136,6 +151,7 @@ class LatentTrainer:
             loss, _ = multitask_loss(preds, y, recon, x, task_weights, recon_weight)
             return loss, x.shape[0]
 
+        design_epoch = self._design_every_epoch(config, splits, model, device, metric["name"])
         n_eval = min(int(config["train"]["eval_train_samples"]), n_train)
         eval_sets = {
             "train": (x_train[:n_eval], y_train[:n_eval]),
@@ -151,6 +167,8 @@ class LatentTrainer:
                 out[f"{split}/recon_mse"] = float(parts["recon"])
                 for name, value in regression_metrics(preds.float(), y, targets).items():
                     out[f"{split}/{name}"] = value
+            if design_epoch is not None:
+                out.update(design_epoch())
             return out
 
         result = fit(
@@ -170,6 +188,54 @@ class LatentTrainer:
         )
         result.metrics["n_train"] = n_train
         return result.metrics
+
+    def _design_every_epoch(self, config: dict, splits, model, device, metric_name: str):
+        """A callable giving this epoch's design metrics when the primary metric is one of them, else None."""
+        if not metric_name.startswith("design/"):
+            return None
+        if metric_name not in DESIGN_METRICS:
+            raise ValueError(f"metric.name: {metric_name!r} is not a design metric ({', '.join(DESIGN_METRICS)})")
+        from tunewise.trainers.latent.design import design_data, resolve_design_config, run_design
+
+        cfg = resolve_design_config(config["design"])
+        typical: list[float] = []
+
+        def epoch_design() -> dict:
+            data = design_data(model, splits, device, typical[0] if typical else None)
+            typical[:1] = [data.typical_nn]
+            # the fit loop evaluates under no_grad (and maybe autocast); the design needs gradients in z, in fp32
+            with torch.enable_grad(), torch.autocast(torch.device(device).type, enabled=False):
+                summary = run_design(model, cfg, data, device)[0]["summary"]
+            return {
+                "design/validated_score": summary["validated_score"], "design/best_score": summary["best_score"],
+                "design/off_manifold_rate": summary["off_manifold_rate"],
+                "design/ok_rate": summary["ok"] / max(1, summary["restarts"]),
+            }
+
+        return epoch_design
+
+    def design(self, config: dict, checkpoint: Path, device, out_dir: Path, overrides: dict | None = None,
+               progress: bool | None = None) -> dict:
+        """The design phase on a trained model: design.json's content (without writing it) and the CSVs beside it."""
+        from tunewise.runs import load_checkpoint
+        from tunewise.trainers.latent.design import (
+            UNITS, check_design_config, design_data, design_phase, resolve_design_config, write_design_files,
+        )
+
+        cfg = resolve_design_config({**(config.get("design") or {}), **(overrides or {})})
+        check_design_config(cfg, list(config["data"]["targets"]))
+        splits = latent_data.load_splits(Path(config["data"]["prepared_dir"]), config["data"])
+        model = self._model(config, splits).to(device)
+        model.load_state_dict(load_checkpoint(checkpoint, map_location=device)["model"])
+        model.eval()
+        data = design_data(model, splits, device)
+        result = design_phase(model, cfg, data, device, progress=bool(progress))
+        files = write_design_files(out_dir, result, splits.descriptor_columns)
+        result.pop("_arrays")
+        targets = list(splits.target_columns)
+        return {"settings": cfg, "checkpoint": str(checkpoint), "targets": targets,
+                "units": {t: UNITS.get(t, "") for t in targets}, "log_targets": list(splits.scaler.log_targets),
+                "latent_dim": model.latent_dim, "files": files, **result}
 
     def evaluate_test(self, config: dict, checkpoint: Path, device) -> dict:
         from tunewise.runs import load_checkpoint
