@@ -106,3 +106,11 @@ def test_bad_design_blocks_name_the_key(exp, needle):
 def test_design_block_on_a_trainer_without_design_is_refused():
     with pytest.raises(ConfigError, match=r"experiments.e1.design: the toy_trainer:ToyTrainer trainer has no design phase"):
         validate(base_config(design={"restarts": 4}))
+
+
+def test_design_enabled_only_for_a_trainer_with_design_left_on():
+    from tunewise.config import design_enabled
+
+    assert design_enabled(resolve_experiment(validate(_latent()), "m"))
+    assert not design_enabled(resolve_experiment(validate(_latent(design={"enabled": False})), "m"))
+    assert not design_enabled(resolve_experiment(validate(base_config()), "e1"))

@@ -142,6 +142,23 @@ def test_stopped_restarts_are_masked_not_moved():
     assert torch.allclose(result.z[0], peak, atol=1e-3)
 
 
+def test_compacting_the_batch_changes_no_result():
+    """Once a quarter of the rows have stopped, the batch shrinks to the running ones: each row still ends, with
+    its steps and learning rate, exactly where it ends alone."""
+    model = KnownModel()
+    peak = model.heads[0].c.detach()
+    z0 = torch.cat([peak.expand(3, D), starts(5, seed=4)])  # three rows done at once, five that run on
+    kw = dict(steps=300, lr=0.05, patience=15, plateau_patience=5, l2=0.01, alpha=torch.tensor([0.0, 1.0] * 4))
+    together = optimize_latent(model, z0, [Objective(task=0)], **kw)
+    assert int(together.steps[:3].max()) + 10 < int(together.steps[3:].min())  # a quarter stopped: compacted
+    for r in range(8):
+        alone = optimize_latent(model, z0[r : r + 1], [Objective(task=0)], **{**kw, "alpha": kw["alpha"][r : r + 1]})
+        assert torch.allclose(together.z[r], alone.z[0], atol=1e-5), r
+        assert int(together.steps[r]) == int(alone.steps[0]) and float(together.lr[r]) == pytest.approx(float(alone.lr[0]))
+        assert torch.allclose(together.trajectory[: len(alone.trajectory), r], alone.trajectory[:, 0], equal_nan=True,
+                              atol=1e-5)
+
+
 def test_plateau_lowers_each_rows_learning_rate_on_its_own():
     model = KnownModel()
     peak = model.heads[0].c.detach()
@@ -236,6 +253,19 @@ def test_run_design_reports_round_trip_verdicts_per_alpha_in_one_batch():
     assert best["start"]["kind"] == "known" and best["start"]["id"].startswith("id")
     assert len(best["neighbours"]) == 2 and best["neighbours"][0]["distance"] <= best["neighbours"][1]["distance"]
     assert free["restarts"][0]["score"] > free["restarts"][0]["score_roundtrip"] + 1.0
+    assert best["nn_train_distance"] >= best["nn_distance"] - 1e-6  # the training rows are a subset of the known
+
+
+@pytest.mark.parametrize("init", ["random", "random_latent"])
+def test_random_starts_are_seeded(init):
+    model = KnownModel()
+    data = _identity_data(model)
+    cfg = resolve_design_config({"objectives": [{"task": "peak"}], "init": init, "restarts": 5, "steps": 5,
+                                 "bounds": None, "alpha_study": []})
+    a, b = (run_design(model, cfg, data, "cpu")[0] for _ in range(2))
+    other = run_design(model, {**cfg, "seed": 1}, data, "cpu")[0]
+    assert all(r["start"]["kind"] == "random" for r in a["restarts"])
+    assert torch.equal(a["_arrays"]["z0"], b["_arrays"]["z0"]) and not torch.equal(a["_arrays"]["z0"], other["_arrays"]["z0"])
 
 
 def test_constraints_in_physical_units_mark_infeasible_designs():
@@ -354,3 +384,21 @@ def test_design_metric_every_epoch(trained, tmp_path):
     assert len(rows) == 3 and all(np.isfinite(r["design/validated_score"]) for r in rows)
     assert metrics["primary"]["best"] == pytest.approx(max(r["design/validated_score"] for r in rows))
     assert all(0 <= r["design/off_manifold_rate"] <= 1 for r in rows)
+
+
+def test_initial_input_file_starts_one_restart_per_row(trained, tmp_path):
+    import pandas as pd
+
+    trainer, cfg, run, work = trained
+    table = pd.read_csv(FIXTURE)
+    descriptors = latent_data.load_splits(work / "data", cfg["data"]).descriptor_columns  # (sigma_p is one here)
+    path = tmp_path / "start.csv"
+    table.loc[:2, ["pretty_formula", *descriptors]].rename(columns={"pretty_formula": "formula"}).to_csv(path, index=False)
+    design = trainer.design(copy.deepcopy(cfg), run.checkpoints / "best.pt", torch.device("cpu"), tmp_path / "out",
+                            overrides={"init": "input", "initial_input": str(path), "alpha_study": []})
+    assert design["summary"]["restarts"] == 3
+    assert sorted(r["start"]["formula"] for r in design["restarts"]) == sorted(table.loc[:2, "pretty_formula"])
+    table.loc[:2, descriptors[:-1]].to_csv(path, index=False)
+    with pytest.raises(ValueError, match=f"missing descriptor column\\(s\\) \\['{descriptors[-1]}'\\]"):
+        trainer.design(copy.deepcopy(cfg), run.checkpoints / "best.pt", torch.device("cpu"), tmp_path / "out",
+                       overrides={"init": "input", "initial_input": str(path)})

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 MODES = ("max", "min", "target")
-INITS = ("top_k", "random", "input")
+INITS = ("top_k", "random", "random_latent", "input")
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD, "rmsprop": torch.optim.RMSprop}
 
 # the `design:` block of a latent experiment (merged over by the user's; every key in config/README.md)
@@ -146,7 +146,9 @@ class _Terms:
         # the design step evaluates only the heads it needs (objective and constraint tasks)
         needed = sorted({o.task for o in objectives} | {c.task for c in constraints})
         heads = getattr(model, "heads", None)
-        if heads is not None:
+        if heads is not None and len(needed) == 1:
+            self._predict_needed = heads[needed[0]]
+        elif heads is not None:
             self._predict_needed = lambda z: torch.cat([heads[t](z) for t in needed], dim=1)
         else:
             self._predict_needed = lambda z: model.predict(z)[:, needed]
@@ -162,14 +164,21 @@ class _Terms:
         self.con_pos = torch.tensor([position[c.task] for c in constraints], dtype=torch.long, device=device)
         self.con_hi = torch.tensor([inf if c.upper is None else float(c.upper) for c in constraints], **f32)
         self.con_lo = torch.tensor([-inf if c.lower is None else float(c.lower) for c in constraints], **f32)
+        self.any_target = any(o.mode == "target" for o in objectives)
+        self.plain_max = len(objectives) == 1 and objectives[0].mode == "max" and float(objectives[0].weight) == 1.0
         self.mu = mu.to(**f32)
         self.inv_sd = 1.0 / sd.to(**f32)
+        self.inv_var = self.inv_sd**2  # |(z - m) / sd|^2 = (z - m)^2 @ inv_var: one mat-vec
         self.l2, self.cw = float(l2), float(constraint_weight)
         self.alpha = alpha.to(**f32) if torch.is_tensor(alpha) else float(alpha)
 
     def _score(self, p: torch.Tensor) -> torch.Tensor:
-        per = torch.where(self.obj_is_target, -(p - self.obj_target) ** 2, self.obj_sign * p)
-        return (per * self.obj_w).sum(dim=1)
+        if self.plain_max:  # the common case, in the fewest ops: it runs every design step
+            return p[:, 0]
+        per = self.obj_sign * p
+        if self.any_target:
+            per = torch.where(self.obj_is_target, -(p - self.obj_target) ** 2, per)
+        return per @ self.obj_w
 
     def _violation(self, p: torch.Tensor) -> torch.Tensor:
         if p.shape[1] == 0:
@@ -192,10 +201,10 @@ class _Terms:
         if self.cw and self.con_pos.numel():
             loss = loss + self.cw * self._violation(p[:, self.con_pos])
         if self.l2:
-            loss = loss + self.l2 * (((z - self.mu) * self.inv_sd) ** 2).sum(dim=1)
+            loss = loss + self.l2 * (torch.square(z - self.mu) @ self.inv_var)
         if need_alignment:
             z_rt = self.model.encode(self.model.decode(z))
-            loss = loss + self.alpha * (((z - z_rt) * self.inv_sd) ** 2).sum(dim=1)
+            loss = loss + self.alpha * (torch.square(z - z_rt) @ self.inv_var)
         return loss, score
 
 
@@ -253,9 +262,15 @@ def optimize_latent(
         lo, hi = (b.to(device=device, dtype=torch.float32) for b in bounds)
     z_start = z0.detach().float().clone()
     with frozen(model):
+        # the working batch: rows still running, `rows` their indices in the full batch. Every 10 steps, once a
+        # quarter of them have stopped, it is compacted to the running rows (Adam's state is sliced with them):
+        # still one batch, no longer paying for restarts that are done.
+        rows = torch.arange(n, device=device)
         z = z_start.clone().requires_grad_(True)
+        z_first = z_start
         row_adam = _RowAdam(z) if optimizer == "adam" else None
         opt = None if row_adam else OPTIMIZERS[optimizer]([z], lr=1.0)
+        alpha_full = terms.alpha
         lr_row = torch.full((n,), float(lr), device=device)
         best = torch.full((n,), float("inf"), device=device)
         z_best = z_start.clone()
@@ -263,14 +278,20 @@ def optimize_latent(
         bad_plateau = torch.zeros(n, dtype=torch.long, device=device)
         active = torch.ones(n, dtype=torch.bool, device=device)
         steps_run = torch.zeros(n, dtype=torch.long, device=device)
+        out_z, out_best, out_steps, out_lr = z_best.clone(), best.clone(), steps_run.clone(), lr_row.clone()
         trajectory = torch.full((steps, n), float("nan"), device=device)
+        last_step = steps - 1
+
+        def write_back():
+            out_z[rows], out_best[rows], out_steps[rows], out_lr[rows] = z_best, best, steps_run, lr_row
+
         bar = tqdm(range(steps), desc="design", unit="step", disable=not progress, leave=False)
         for t in bar:
             loss, score = terms.loss(z, need_alignment)
             # rows are independent: the sum's gradient in row r is row r's own
             (grad,) = torch.autograd.grad(loss.sum(), z)
             with torch.no_grad():
-                trajectory[t].copy_(score).masked_fill_(~active, float("nan"))
+                trajectory[t].index_copy_(0, rows, score)  # a stopped row's entries are masked at the end
                 improved = (loss < best - min_delta) & active
                 best = torch.where(improved, loss, best)
                 z_best = torch.where(improved[:, None], z, z_best)
@@ -286,9 +307,9 @@ def optimize_latent(
                     opt.step()
                     z.copy_(torch.addcmul(previous, step_lr[:, None], z - previous))
                 if trust_radius is not None:
-                    delta = z - z_start
+                    delta = z - z_first
                     norm = delta.norm(dim=1, keepdim=True).clamp(min=1e-12)
-                    z.copy_(z_start + delta * torch.clamp(float(trust_radius) / norm, max=1.0))
+                    z.copy_(z_first + delta * torch.clamp(float(trust_radius) / norm, max=1.0))
                 if bounds is not None:
                     torch.maximum(torch.minimum(z, hi), lo, out=z)
                 # ReduceLROnPlateau: more than `patience` steps without improvement -> lr * factor
@@ -298,10 +319,30 @@ def optimize_latent(
                     bad_plateau.masked_fill_(reduce, 0)
                 if patience is not None:
                     active &= bad_stop < patience
-            if patience is not None and t % 10 == 9 and not bool(active.any()):
-                trajectory = trajectory[: t + 1]
+            if patience is None or t % 10 != 9:
+                continue
+            n_active = int(active.sum())
+            if n_active == 0:
+                last_step = t
                 break
+            if row_adam is not None and n_active <= 0.75 * len(rows):
+                write_back()
+                keep = torch.nonzero(active).flatten()
+                rows = rows[keep]
+                z = z.detach()[keep].requires_grad_(True)
+                row_adam = row_adam.select(z, keep)
+                z_first, z_best, best, lr_row = z_first[keep], z_best[keep], best[keep], lr_row[keep]
+                bad_stop, bad_plateau, steps_run, active = bad_stop[keep], bad_plateau[keep], steps_run[keep], active[keep]
+                if torch.is_tensor(alpha_full):
+                    terms.alpha = alpha_full[rows]
         bar.close()
+        write_back()
+        trajectory = trajectory[: last_step + 1]
+        # row r ran steps 0 .. steps_run[r] - 1; after that it was masked
+        ran = torch.arange(len(trajectory), device=device)[:, None] < out_steps[None, :]
+        trajectory = trajectory.masked_fill(~ran, float("nan"))
+        terms.alpha = alpha_full
+        z_best, steps_run, lr_row = out_z, out_steps, out_lr
         with torch.no_grad():
             loss_best, score_best = terms.loss(z_best, need_alignment)
     return LatentResult(
@@ -321,14 +362,21 @@ class _RowAdam:
         self.exp_avg_sq = torch.zeros_like(param)
         self.t = 0
 
+    def select(self, param: torch.Tensor, keep: torch.Tensor) -> _RowAdam:
+        """The same optimiser for the rows `keep` of the batch, now the rows of `param`."""
+        other = _RowAdam(param, (self.beta1, self.beta2), self.eps)
+        other.exp_avg, other.exp_avg_sq, other.t = self.exp_avg[keep], self.exp_avg_sq[keep], self.t
+        return other
+
     @torch.no_grad()
     def step(self, grad: torch.Tensor, lr: torch.Tensor) -> None:
         self.t += 1
         self.exp_avg.lerp_(grad, 1 - self.beta1)
         self.exp_avg_sq.mul_(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
-        bias1, bias2 = 1 - self.beta1**self.t, 1 - self.beta2**self.t
-        denom = (self.exp_avg_sq.sqrt() / math.sqrt(bias2)).add_(self.eps)
-        self.param.addcdiv_(self.exp_avg * (lr / -bias1)[:, None], denom)
+        bias1, bias2 = 1 - self.beta1**self.t, math.sqrt(1 - self.beta2**self.t)
+        # lr/b1 * m / (sqrt(v)/b2 + eps) = (lr * b2/b1) * m / (sqrt(v) + eps * b2): torch's update, fewer ops
+        denom = self.exp_avg_sq.sqrt().add_(self.eps * bias2)
+        self.param.addcdiv_(self.exp_avg * (lr * (-bias2 / bias1)).unsqueeze(1), denom)
 
 
 @torch.no_grad()
@@ -520,6 +568,12 @@ def initial_latents(model, cfg: dict, data: DesignData, terms_score, device) -> 
         with torch.no_grad():
             z0 = model.encode(x)
         return z0, [{"kind": "random"} for _ in range(n)]
+    if cfg["init"] == "random_latent":
+        # latents drawn from the training latents' diagonal Gaussian (the prior of the l2 penalty)
+        g = torch.Generator().manual_seed(int(cfg["seed"]))
+        mu, sd = data.z_train.mean(dim=0), data.z_train.std(dim=0)
+        z0 = (mu.cpu() + sd.cpu() * torch.randn(n, model.latent_dim, generator=g)).to(device)
+        return z0, [{"kind": "random"} for _ in range(n)]
     path = cfg["initial_input"]
     import pandas as pd
 
@@ -582,6 +636,7 @@ def run_design(model, cfg: dict, data: DesignData, device, alphas: Sequence[floa
         # the validated score: what the model says about the decoded descriptor, less any broken constraint
         validated = score_rt - float(cfg["constraint_weight"]) * violation_rt
         dist, nn_idx = _nearest(rt["x"], data.x, max(1, int(cfg["neighbors"])))
+        train_dist, _ = _nearest(rt["x"], data.x[data.train_mask.to(data.x.device)], 1)
     off = rt["disagreement"] > float(cfg["roundtrip_tol"])
     feasible = violation <= 1e-6
     ok = (~off) & feasible
@@ -606,8 +661,9 @@ def run_design(model, cfg: dict, data: DesignData, device, alphas: Sequence[floa
                 "loss": float(result.loss[i]), "steps": int(result.steps[i]), "final_lr": float(result.lr[i]),
                 "predicted": {t: _finite(phys[i, c]) for c, t in enumerate(targets)},
                 "predicted_roundtrip": {t: _finite(phys_rt[i, c]) for c, t in enumerate(targets)},
-                "nn_distance": float(dist[i, 0]),
+                "nn_distance": float(dist[i, 0]),  # to the nearest known compound (any split)
                 "nn_distance_ratio": float(dist[i, 0]) / data.typical_nn if data.typical_nn > 0 else None,
+                "nn_train_distance": float(train_dist[i, 0]),  # to the nearest training descriptor
                 "neighbours": neighbours,
             })
         sl = slice(g * n, (g + 1) * n)
