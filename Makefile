@@ -26,7 +26,7 @@ run: install  ## the whole workflow on the default config; prints the workflow's
 # two workers, a test file each: the end-to-end files wait on Snakemake's serial steps much of the time
 TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=20 $(ARGS)
 
 bench: install
 	$(PY) bench/run.py $(ARGS)
