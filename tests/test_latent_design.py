@@ -402,3 +402,42 @@ def test_initial_input_file_starts_one_restart_per_row(trained, tmp_path):
     with pytest.raises(ValueError, match=f"missing descriptor column\\(s\\) \\['{descriptors[-1]}'\\]"):
         trainer.design(copy.deepcopy(cfg), run.checkpoints / "best.pt", torch.device("cpu"), tmp_path / "out",
                        overrides={"init": "input", "initial_input": str(path)})
+
+
+def test_a_sweep_trial_tunes_design_knobs_by_the_validated_score(tmp_path, monkeypatch):
+    """The optimisation phases can tune the design: a sweep over design.* keys with design/validated_score as the
+    metric trains the trial with the sampled design settings and tells the study the best validated score."""
+    import json
+
+    import pandas as pd
+    import yaml
+
+    from tunewise.cli import main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    config = {"tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}, "experiments": {"d": {
+        "trainer": "latent", "data": {"source": "path", "path": str(FIXTURE), "targets": ["PF_p", "S_p"],
+                                      "split": {"val": 0.2, "test": 0.2, "seed": 0}},
+        "baseline": {"model": {"hidden": 16, "latent_dim": 4, "head_hidden": 4}, "train": {"epochs": 3, "batch_size": 16}},
+        "design": {"restarts": 6, "steps": 40, "alpha_study": []},
+        "metric": {"name": "design/validated_score", "direction": "max"},
+        "optimize": {"strategy": "sweep", "sweep": {"base": "baseline", "sampler": "random", "pruner": "none", "space": {
+            "optim.lr": None, "optim.weight_decay": None, "model.dropout": None, "model.hidden": None,
+            "train.batch_size": None, "design.alpha": {"type": "float", "low": 0.0, "high": 1.0},
+            "design.lr": {"type": "float", "low": 0.01, "high": 0.2, "log": True}}}},
+    }}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    exp_file = "results/d/experiment.yaml"
+    assert main(["resolve", "--config", "c.yaml", "--experiment", "d", "--out", exp_file]) == 0
+    assert main(["prepare-data", "--experiment-file", exp_file, "--out", "results/d/data/ready.json"]) == 0
+    assert main(["train", "--experiment-file", exp_file, "--run-dir", "results/d/baseline", "--threads", "1"]) == 0
+    out = tmp_path / "results/d/optimize/sweep/trials/trial0/trial.json"
+    assert main(["sweep-trial", "--experiment-file", exp_file, "--slot", "0", "--out", str(out), "--threads", "1"]) == 0
+    trial = json.loads(out.read_text())
+    assert set(trial["params"]) == {"design.alpha", "design.lr"} and trial["state"] == "COMPLETE"
+    run_config = yaml.safe_load((out.parent / "config.yaml").read_text())
+    assert run_config["design"]["alpha"] == pytest.approx(trial["params"]["design.alpha"])
+    assert run_config["design"]["lr"] == pytest.approx(trial["params"]["design.lr"])
+    history = pd.read_csv(out.parent / "history.csv")
+    assert trial["value"] == pytest.approx(history["design/validated_score"].max())

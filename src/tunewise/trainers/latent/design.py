@@ -64,6 +64,7 @@ DEFAULT_DESIGN: dict[str, Any] = {
     "bounds": "data",  # null, "data" (the training latents' range per dimension), or [low, high]
     "alpha": 0.5,
     "roundtrip_tol": 0.25,
+    "near_ratio": 3.0,  # a design within this many typical nearest-neighbour distances of a known compound is "near"
     "neighbors": 3,
     "top": 5,
     "seed": 0,
@@ -674,6 +675,8 @@ def run_design(model, cfg: dict, data: DesignData, device, alphas: Sequence[floa
             "validated_score": float(validated[sl].max()), "best_score": float(result.score[sl].max()),
             "mean_steps": float(result.steps[sl].float().mean()), "seconds": result.seconds, "batch_rows": len(alphas) * n,
             "typical_nn_distance": data.typical_nn, "best_restart": best["restart"] if best else None,
+            "ok_near_known": sum(1 for r in restarts if r["ok"] and r["nn_distance_ratio"] is not None
+                                 and r["nn_distance_ratio"] <= float(cfg["near_ratio"])),
         }
         arrays = {"z": result.z[sl].cpu(), "z0": result.z0[sl].cpu(), "trajectory": result.trajectory[:, sl].cpu(),
                   "x": x_phys[sl]}
