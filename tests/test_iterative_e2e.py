@@ -19,6 +19,7 @@ def experiment(**changes) -> dict:
         "baseline": {"model": {"hidden": 32, "latent_dim": 8, "head_hidden": 8}, "optim": {"lr": 0.0003},
                      "train": {"epochs": 4, "batch_size": 128}},
         "significance": {"seeds": 2, "n_boot": 200},
+        "design": {"enabled": False},  # the design phase is test_workflow_e2e's and test_latent_design's
         "resources": {"threads": 1, "mem_mb": 1000, "runtime": 10},
     }
     exp.update(changes)

@@ -34,6 +34,7 @@ def sweep_experiment(sampler: str, pruner: str, n_trials: int = N_TRIALS, trial_
             "space": {"model.hidden": {"type": "categorical", "choices": [32, 64]},
                       "train.batch_size": {"type": "categorical", "choices": [128, 256]}}}},
         "significance": {"seeds": 2, "n_boot": 200},
+        "design": {"enabled": False},  # the design phase is test_workflow_e2e's and test_latent_design's
         "resources": {"threads": 1, "mem_mb": 1000, "runtime": 10},
     }
 
