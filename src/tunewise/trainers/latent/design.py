@@ -28,7 +28,6 @@ descriptor does not carry the properties z* promised, and it is not reported as 
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -400,13 +399,10 @@ def round_trip(model, z: torch.Tensor, tasks: torch.Tensor | Sequence[int]) -> d
 
 
 def resolve_design_config(design_cfg: dict | None) -> dict:
-    cfg = copy.deepcopy(DEFAULT_DESIGN)
-    for key, value in (design_cfg or {}).items():
-        if key == "plateau" and isinstance(value, dict):
-            cfg["plateau"].update(value)
-        else:
-            cfg[key] = copy.deepcopy(value)
-    return cfg
+    """The design block over DEFAULT_DESIGN (`plateau` merged key by key)."""
+    from tunewise.config import deep_merge
+
+    return deep_merge(DEFAULT_DESIGN, design_cfg or {})
 
 
 def check_design_config(cfg: dict, targets: Sequence[str]) -> None:
