@@ -6,9 +6,13 @@ from snakemake.utils import min_version
 
 min_version("9.0")
 
+# the front page of `snakemake --report report.html`; the results are flagged with report(...) in the rules
+report: "workflow/report/workflow.rst"
 
-# the embedded default, unless --configfile gave another (merging both would mix experiments)
-if not config:
+
+# the embedded default, unless --configfile gave another (merging both would mix experiments); a
+# --config of top-level switches alone (a profile's `config: ["request_gpus=always"]`) is applied over it
+if "experiments" not in config:
 
     configfile: os.path.join(workflow.basedir, "config", "config.yaml")
 

@@ -5,7 +5,7 @@ import os
 from snakemake.exceptions import WorkflowError
 
 from tunewise.config import ConfigError, design_enabled, resolve_experiment, validate
-from tunewise.devices import cuda_expected
+from tunewise.devices import gpus_to_request
 
 try:
     # schema + trainer-aware checks: a bad key stops the run before any job starts
@@ -63,14 +63,32 @@ def threads_for(wildcards):
 
 
 def gpus_for(wildcards):
-    # 0 GPUs on a CPU experiment, so `--resources gpu=1` never blocks CPU runs
-    device = exp_cfg(wildcards)["device"]
-    on_gpu = device == "cuda" or (device == "auto" and cuda_expected())
-    return exp_cfg(wildcards)["resources"]["gpus"] if on_gpu else 0
+    # 0 GPUs on a CPU experiment, so `--resources gpu=1` never blocks CPU runs; request_gpus: always asks on a
+    # cluster whose login node has no GPU. The job's shell line passes the number on (`tunewise ... --gpus`),
+    # which locks that many free GPUs of its host (Snakemake itself never says which).
+    exp = exp_cfg(wildcards)
+    return gpus_to_request(exp["device"], exp["resources"]["gpus"], config["request_gpus"])
+
+
+def gpu_model_for(wildcards):
+    """The GPU model a cluster job asks for (`--gpus=MODEL:N` under SLURM); empty when unset or without a GPU."""
+    return (exp_cfg(wildcards)["resources"].get("gpu_model") or "") if gpus_for(wildcards) else ""
+
+
+def cpus_per_gpu_for(wildcards):
+    """The job's threads spread over its GPUs (`--cpus-per-gpu` under SLURM); a CPU job asks per task instead."""
+    gpus = gpus_for(wildcards)
+    return max(1, threads_for(wildcards) // gpus) if gpus else 0
 
 
 def mem_for(wildcards, attempt):
     return exp_cfg(wildcards)["resources"]["mem_mb"] * attempt
+
+
+# Snakemake's `retries` is one number per training step for all experiments, fixed when the workflow is
+# parsed; so the largest resources.retries of the experiments. Between attempts the mem_mb above grows and,
+# after an out-of-memory failure, the batch size halves (tunewise.train.oom).
+TRAIN_RETRIES = max((config["experiments"][e]["resources"]["retries"] for e in EXPERIMENTS), default=0)
 
 
 def runtime_for(wildcards):

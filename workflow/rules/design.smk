@@ -6,6 +6,26 @@ rule design:
         final="results/{exp}/final/final.json",
     output:
         design="results/{exp}/design/design.json",
+        report=report(
+            "reports/{exp}/design_report.md",
+            caption="../report/design_report.rst",
+            category="{exp}",
+            subcategory="Design",
+        ),
+        # the plots drawn for every design; the alpha study and one design-vs-known plot per objective task
+        # depend on the design block, so they stay undeclared (linked from the report only)
+        trajectories=report(
+            "reports/{exp}/plots/design_trajectories.png",
+            caption="../report/design_trajectories.rst",
+            category="{exp}",
+            subcategory="Design",
+        ),
+        scores=report(
+            "reports/{exp}/plots/design_scores.png",
+            caption="../report/design_scores.rst",
+            category="{exp}",
+            subcategory="Design",
+        ),
     params:
         out_dir=lambda wc, output: os.path.dirname(output.design),
         reports="reports/{exp}",
@@ -16,8 +36,10 @@ rule design:
     threads: threads_for
     resources:
         gpu=gpus_for,
+        gpu_model=gpu_model_for,
+        cpus_per_gpu=cpus_per_gpu_for,
         mem_mb=mem_for,
         runtime=runtime_for,
     shell:
         "tunewise design --experiment-file {input.exp:q} --final {input.final:q} --out-dir {params.out_dir:q}"
-        " --reports-dir {params.reports:q} --threads {threads} --rule design > {log:q} 2>&1"
+        " --reports-dir {params.reports:q} --threads {threads} --gpus {resources.gpu} --rule design > {log:q} 2>&1"

@@ -11,6 +11,13 @@ checkpoint diagnose:
             category="{exp}",
             subcategory="Phase 3: diagnosis",
         ),
+        # the baseline's curves: drawn here, from the run the diagnosis reads
+        curves=report(
+            "reports/{exp}/plots/baseline_curves.png",
+            caption="../report/baseline_curves.rst",
+            category="{exp}",
+            subcategory="Phase 2: baseline",
+        ),
     params:
         run_dir=lambda wc, input: os.path.dirname(input.baseline),
         out_dir=lambda wc, output: os.path.dirname(output.diagnosis),
@@ -19,6 +26,7 @@ checkpoint diagnose:
         CONDA_ENV
     log:
         "results/{exp}/logs/diagnose.log",
+    localrule: True
     resources:
         gpu=0,
     shell:

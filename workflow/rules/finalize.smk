@@ -11,6 +11,12 @@ rule finalize:
         best="results/{exp}/final/best_model_optimized.pt",
         last="results/{exp}/final/last_model_optimized.pt",
         config="results/{exp}/final/final_config.yaml",
+        report=report(
+            "reports/{exp}/final_report.md",
+            caption="../report/final_report.rst",
+            category="{exp}",
+            subcategory="Phase 5: finalization",
+        ),
     params:
         baseline_config=lambda wc, input: os.path.join(os.path.dirname(input.baseline), "config.yaml"),
         out_dir=lambda wc, output: os.path.dirname(output.final),
@@ -20,12 +26,16 @@ rule finalize:
     log:
         "results/{exp}/logs/finalize.log",
     threads: threads_for
+    # a failed training job is tried again; after an out-of-memory failure with half the batch (tunewise.train.oom)
+    retries: TRAIN_RETRIES
     resources:
         gpu=gpus_for,
+        gpu_model=gpu_model_for,
+        cpus_per_gpu=cpus_per_gpu_for,
         mem_mb=mem_for,
         runtime=runtime_for,
     shell:
         "tunewise finalize --experiment-file {input.exp:q} --decision {input.decision:q}"
         " --baseline-config {params.baseline_config:q} --optimized-config {input.optimized_config:q}"
-        " --out-dir {params.out_dir:q} --reports-dir {params.reports:q} --threads {threads}"
+        " --out-dir {params.out_dir:q} --reports-dir {params.reports:q} --threads {threads} --gpus {resources.gpu}"
         " --rule finalize > {log:q} 2>&1"

@@ -19,13 +19,17 @@ rule iterate:
     log:
         "results/{exp}/logs/iterate_round{round}.log",
     threads: threads_for
+    # a failed training job is tried again; after an out-of-memory failure with half the batch (tunewise.train.oom)
+    retries: TRAIN_RETRIES
     resources:
         gpu=gpus_for,
+        gpu_model=gpu_model_for,
+        cpus_per_gpu=cpus_per_gpu_for,
         mem_mb=mem_for,
         runtime=runtime_for,
     shell:
         "tunewise iterate --experiment-file {input.exp:q} --round {wildcards.round} --out {output:q}"
-        " --threads {threads} --rule iterate > {log:q} 2>&1"
+        " --threads {threads} --gpus {resources.gpu} --rule iterate > {log:q} 2>&1"
 
 
 rule iterate_summary:

@@ -2,7 +2,18 @@ rule report_index:
     input:
         [path for exp in EXPERIMENTS for path in experiment_outputs(exp)],
     output:
-        report("reports/index.md", caption="../report/index.rst", category="Overview"),
+        report(
+            "reports/index.md",
+            caption="../report/index.rst",
+            category="Overview",
+            subcategory="All experiments",
+        ),
+        report(
+            "reports/plots/index_overview.png",
+            caption="../report/index_overview.rst",
+            category="Overview",
+            subcategory="All experiments",
+        ),
     conda:
         CONDA_ENV
     log:

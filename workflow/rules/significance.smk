@@ -15,14 +15,18 @@ rule seed_run:
     log:
         "results/{exp}/logs/seed_run_{side}_{seed}.log",
     threads: threads_for
+    # a failed training job is tried again; after an out-of-memory failure with half the batch (tunewise.train.oom)
+    retries: TRAIN_RETRIES
     resources:
         gpu=gpus_for,
+        gpu_model=gpu_model_for,
+        cpus_per_gpu=cpus_per_gpu_for,
         mem_mb=mem_for,
         runtime=runtime_for,
     shell:
         "tunewise train --experiment-file {input.exp:q} --config-file={input.config:q} --run-dir {params.run_dir:q}"
         " --reuse-from={input.reuse:q} --phase seed --side {wildcards.side} --seed {wildcards.seed}"
-        " --threads {threads} --rule seed_run > {log:q} 2>&1"
+        " --threads {threads} --gpus {resources.gpu} --rule seed_run > {log:q} 2>&1"
 
 
 rule significance:
@@ -42,6 +46,24 @@ rule significance:
             category="{exp}",
             subcategory="Phase 4: optimization",
         ),
+        curves=report(
+            "reports/{exp}/plots/curves_comparison.png",
+            caption="../report/curves_comparison.rst",
+            category="{exp}",
+            subcategory="Phase 4: optimization",
+        ),
+        significance_report=report(
+            "reports/{exp}/significance.md",
+            caption="../report/significance.rst",
+            category="{exp}",
+            subcategory="Significance",
+        ),
+        seed_scores=report(
+            "reports/{exp}/plots/seed_scores.png",
+            caption="../report/seed_scores.rst",
+            category="{exp}",
+            subcategory="Significance",
+        ),
     params:
         # params are evaluated once before the diagnose checkpoint has run, when inputs are unknown
         baseline=lambda wc, input: run_dirs(getattr(input, "baseline", [])),
@@ -52,6 +74,7 @@ rule significance:
         CONDA_ENV
     log:
         "results/{exp}/logs/significance.log",
+    localrule: True
     resources:
         gpu=0,
     shell:

@@ -13,13 +13,17 @@ rule sweep_trial:
     log:
         "results/{exp}/logs/sweep_trial_{trial}.log",
     threads: threads_for
+    # a failed training job is tried again; after an out-of-memory failure with half the batch (tunewise.train.oom)
+    retries: TRAIN_RETRIES
     resources:
         gpu=gpus_for,
+        gpu_model=gpu_model_for,
+        cpus_per_gpu=cpus_per_gpu_for,
         mem_mb=mem_for,
         runtime=runtime_for,
     shell:
         "tunewise sweep-trial --experiment-file {input.exp:q} --slot {wildcards.trial} --out {output:q}"
-        " --threads {threads} --rule sweep_trial > {log:q} 2>&1"
+        " --threads {threads} --gpus {resources.gpu} --rule sweep_trial > {log:q} 2>&1"
 
 
 checkpoint select_best:
@@ -36,6 +40,7 @@ checkpoint select_best:
         CONDA_ENV
     log:
         "results/{exp}/logs/select_best.log",
+    localrule: True
     resources:
         gpu=0,
     shell:
