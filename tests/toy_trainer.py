@@ -11,7 +11,9 @@ DEFAULT = {
     "optim": {"name": "adam", "lr": 0.01, "weight_decay": 0.0, "momentum": 0.9, "param_groups": {}},
     "schedule": {"name": "none", "warmup_epochs": 0, "lr_end_factor": 0.01, "step_size": 10, "gamma": 0.1, "patience": 3},
     "train": {"epochs": 8, "batch_size": 32, "grad_clip": None, "patience": None, "min_delta": 0.0, "amp": "auto",
-              "sleep": 0.0, "nan_at_epoch": None},
+              # fault injection: the loss turns `nonfinite` (nan or inf) from epoch `nan_at_epoch` on; a batch
+              # larger than `oom_above_batch` runs out of memory from epoch `oom_from_epoch` on
+              "sleep": 0.0, "nan_at_epoch": None, "nonfinite": "nan", "oom_above_batch": None, "oom_from_epoch": 1},
 }
 
 
@@ -59,6 +61,7 @@ class ToyTrainer:
         model = self._model(config)
         bs = config["train"]["batch_size"]
         nan_at = config["train"]["nan_at_epoch"]
+        oom_above = config["train"]["oom_above_batch"]
 
         def batches(epoch):
             order = torch.randperm(len(xt), generator=epoch_generator(seed, epoch))
@@ -68,11 +71,15 @@ class ToyTrainer:
 
         def step(batch):
             epoch, x, y = batch
+            if oom_above is not None and bs > oom_above and epoch + 1 >= config["train"]["oom_from_epoch"]:
+                # what torch raises when a batch does not fit on the GPU (a RuntimeError subclass)
+                raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {bs} toy samples "
+                                                  f"(train.oom_above_batch: {oom_above})")
             if config["train"]["sleep"]:
                 time.sleep(config["train"]["sleep"])
             loss = ((model(x).squeeze(-1) - y) ** 2).mean()
             if nan_at is not None and epoch + 1 >= nan_at:
-                loss = loss * float("nan")
+                loss = loss * float(config["train"]["nonfinite"])
             return loss, len(x)
 
         def evaluate():

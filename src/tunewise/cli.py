@@ -53,6 +53,20 @@ def _base_tags(exp: dict, phase: str, rule: str | None, config: dict | None = No
     return tags
 
 
+def _job_run(tracker, name: str, tags: dict, state: Path) -> str:
+    """A new MLflow run for a job that logs once at its end (diagnose). Its id is kept in `state`, so when the
+    job is killed and runs again, the run the killed attempt left RUNNING is ended as interrupted (KILLED)
+    instead of staying beside the new one as a second, unfinished result."""
+    from tunewise.runs import read_json, write_json
+
+    old = read_json(state).get("run_id") if state.exists() else None
+    if old:
+        tracker.supersede(old, "killed; the job ran again")
+    run_id = tracker.start_run(name, tags)
+    write_json(state, {"run_id": run_id})
+    return run_id
+
+
 # --- verbs ----------------------------------------------------------------------------------
 
 
@@ -85,7 +99,11 @@ def cmd_prepare_data(args) -> None:
     exp = _experiment(args)
     trainer = get_trainer(exp["trainer"])
     data_cfg = exp["baseline"]["data"]
-    info = trainer.prepare_data(data_cfg, Path(data_cfg["prepared_dir"]), threads=args.threads)
+    try:
+        info = trainer.prepare_data(data_cfg, Path(data_cfg["prepared_dir"]), threads=args.threads)
+    except ValueError as e:
+        # the data loaders' errors name the key and the file: the message is the whole story, not a traceback
+        raise CliError(f"data of experiment {exp['name']!r}: {e}") from None
     # the MLflow experiment and the seed runs' parent exist before parallel jobs start
     tracker = _tracker(exp)
     tracker.parent_run("significance", _base_tags(exp, "significance", args.rule), _exp_dir(args) / "tracking.json")
@@ -168,30 +186,59 @@ def cmd_train(args) -> None:
     if run.is_finished() and not args.force:
         print(f"{run.path}: already finished (status {run.status}); --force to train again")
         return run.require_finished()
+    # the previous start of this run (a sweep passes the one it set aside before re-asking the slot)
+    previous = run.info() or getattr(args, "previous_attempt", None) or {}
+    config, batch = _attempt_batch(trainer, config, previous)
     source = _reusable_run(getattr(args, "reuse_from", None), config, seed)
-    resuming = (run.checkpoints / "last.pt").exists() and source is None
-    info = run.start(config, seed, {"phase": args.phase, "side": args.side, "experiment": exp["name"]})
+    # A start continues the previous one (what Snakemake's rerun of a killed job and a SLURM requeue do) only
+    # when that one trained this very config and seed; otherwise its last.pt would mix two trainings.
+    same = (not args.force and run.config_path.exists() and previous.get("seed") == seed
+            and run.config() == config)
+    if not same:
+        run.clear()
+    resuming = same and source is None and (run.checkpoints / "last.pt").exists()
 
     tracker = _tracker(exp)
+    # one MLflow run per run directory, however many starts it takes; a killed attempt whose training is
+    # not continued keeps its run, ended KILLED and tagged status=interrupted
+    old_id = previous.get("mlflow_run_id")
+    old_status = tracker.run_status(old_id) if old_id else None
+    reuse = same and old_status is not None
+    if old_status == "RUNNING" and not reuse:
+        tracker.supersede(old_id, f"killed; {run.path} was started again with another config or from scratch")
+    meta = {"phase": args.phase, "side": args.side, "experiment": exp["name"]}
+    if batch is not None:
+        meta["batch_size"] = batch
+    info = run.start(config, seed, meta if reuse else {**meta, "mlflow_run_id": None})
+
     parent = None
     parent_name = getattr(args, "parent", None) or ("significance" if args.phase == "seed" else None)
     if parent_name:
         parent = tracker.parent_run(parent_name, _base_tags(exp, parent_name, None), _exp_dir(args) / "tracking.json")
-    if info.get("mlflow_run_id") and resuming:
-        run_id = tracker.resume_run(info["mlflow_run_id"])
+    params = {"seed": seed, "threads": threads, "device": str(device), **config}
+    if reuse:
+        run_id = tracker.resume_run(old_id)
+        tracker.log_params(run_id, params, only_new=True)  # a start killed before its params were all logged
     else:
         name = args.run_name or f"{args.phase}" + (f"-{args.side}-seed{seed}" if args.phase == "seed" else "")
         tags = _base_tags(exp, args.phase, args.rule, config) | {"seed": seed, "side": args.side, "run_dir": str(run.path)}
         tags |= getattr(args, "tags", None) or {}
+        if batch is not None and batch["used"] != batch["configured"]:
+            tags |= {"batch_size_configured": batch["configured"], "retry_of": old_id}
         run_id = tracker.start_run(name, tags, parent_id=parent)
-        tracker.log_params(run_id, {"seed": seed, "threads": threads, "device": str(device), **config})
+        tracker.log_params(run_id, params)
         run.update_info(mlflow_run_id=run_id)
     if source is not None:
         return _adopt_run(source, run, tracker, run_id)
+    if batch is not None and batch["used"] != batch["configured"]:
+        print(f"{run.path}: {batch['key']}={batch['used']} instead of {batch['configured']}: an earlier start of "
+              "this run ran out of memory")
     if resuming:
         print(f"{run.path}: resuming from checkpoints/last.pt")
 
     tracked = reporter = EpochReporter(tracker, run_id)
+    if reuse:
+        tracked.sync()  # metrics a killed start logged are not sent twice, even from a restart at epoch 1
     if getattr(args, "wrap_reporter", None):  # a sweep trial reports to Optuna too, and may be pruned
         reporter = args.wrap_reporter(reporter)
     try:
@@ -229,8 +276,15 @@ def cmd_train(args) -> None:
         run.fail(f"interrupted ({type(e).__name__})", status="interrupted")
         raise
     except Exception as e:
-        run.fail(f"{type(e).__name__}: {e}")
+        from tunewise.train.oom import is_out_of_memory
+
+        oom = is_out_of_memory(e)
+        reason = _oom_reason(e, batch) if oom else f"{type(e).__name__}: {e}"
+        run.update_info(status="failed", reason=reason, out_of_memory=oom)
+        tracker.set_tags(run_id, {"status": "failed", "reason": reason[:5000]})
         tracker.end_run(run_id, "FAILED")
+        if oom:  # the message is the whole story; Snakemake retries the job (resources.retries)
+            raise OutOfMemory(f"{run.path}: {reason}") from None
         raise
     metrics["threads"] = threads
     run.finish(metrics)
@@ -242,6 +296,47 @@ def cmd_train(args) -> None:
     p = metrics["primary"]
     print(f"{run.path}: done, {p['name']} best {p['best']:.4f} at step {metrics['best_step']} ({metrics['wall_seconds']:.1f}s)")
     return metrics | {"status": "done"}
+
+
+class OutOfMemory(CliError):
+    """Training ran out of memory; run.json records the batch size that did not fit."""
+
+
+def _attempt_batch(trainer, config: dict, previous: dict) -> tuple[dict, dict | None]:
+    """The config this start trains, with its batch size halved once per out-of-memory start of the same run
+    (tunewise.train.oom), and the batch-size record for run.json: {key, configured, used}; None for a trainer
+    without an integer batch_size knob."""
+    import copy
+
+    from tunewise.config import get_dotted, set_dotted
+    from tunewise.train.oom import batch_size_for
+
+    key = (getattr(trainer, "knobs", None) or {}).get("batch_size")
+    if not isinstance(key, str):
+        return config, None
+    try:
+        configured = get_dotted(config, key)
+    except KeyError:
+        return config, None
+    if not isinstance(configured, int) or isinstance(configured, bool):
+        return config, None
+    used = batch_size_for(configured, previous)
+    if used != configured:
+        config = copy.deepcopy(config)
+        set_dotted(config, key, used)
+    return config, {"key": key, "configured": configured, "used": used}
+
+
+def _oom_reason(error: BaseException, batch: dict | None) -> str:
+    what = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:300]}"
+    if batch is None:
+        return (f"out of memory ({what}); the trainer has no integer batch_size knob to make smaller, so a retry "
+                "only gets more memory (mem_mb grows with the attempt)")
+    key, used = batch["key"], batch["used"]
+    if used <= 1:
+        return f"out of memory at {key}={used} ({what}); there is no smaller batch to retry with"
+    return (f"out of memory at {key}={used} ({what}): retrying with a smaller batch, {key}={used // 2}, from "
+            "scratch (when Snakemake retries the job: resources.retries)")
 
 
 def _reusable_run(metrics_path: str | None, config: dict, seed: int):
@@ -288,8 +383,8 @@ def _adopt_run(source, run, tracker, run_id: str) -> dict:
     metrics.pop("status", None)
     run.update_info(reused_from=str(source.path))
     history = run.history() if run.history_path.exists() else None
-    if history is not None:
-        tracker.log_rows(run_id, history.to_dict("records"))
+    if history is not None:  # what an adoption killed half-way already logged is not logged twice
+        tracker.log_rows(run_id, history.to_dict("records"), tracker.logged_steps(run_id))
     tracker.set_tags(run_id, {"reused_from": str(source.path)})
     run.finish(metrics)
     tracker.log_metrics(run_id, {f"best/{k}": v for k, v in (metrics.get("best") or {}).items() if k != "step"})
@@ -358,7 +453,7 @@ def cmd_diagnose(args) -> None:
     reports = write_diagnostic_report(out / "diagnosis.json", run.path, Path(args.reports_dir))
 
     tracker = _tracker(exp)
-    run_id = tracker.start_run("diagnose", _base_tags(exp, "diagnose", args.rule, config))
+    run_id = _job_run(tracker, "diagnose", _base_tags(exp, "diagnose", args.rule, config), out / "mlflow_run.json")
     tracker.log_params(run_id, {"strategy": strategy["chosen"], "n_findings": len(findings), "patch": json.dumps(patch)})
     tracker.log_metrics(run_id, {"n_findings": len(findings), "n_recommendations": len(recs)})
     for path in [out / "diagnosis.json", out / "optimization_config.yaml", *reports]:
@@ -403,19 +498,33 @@ def cmd_sweep_trial(args) -> None:
     if done is None:
         stale = sweep.fail_stale(study, slot)
         attempt = len(sweep.slot_trials(study, slot))
-        if attempt:  # a fresh sampler seed for the re-ask, so a retry is not a copy of the killed attempt
+        if attempt:  # a fresh sampler seed for a re-ask that samples: a point that failed is not proposed again
             study = sweep.open_study(exp, space, base, journal, slot, attempt, epochs=epochs)
+        trainer = get_trainer(exp["trainer"])
+        previous = {}
         # Snakemake creates the output's (empty) folder before the job starts: only a killed attempt leaves files
         if run_dir.exists() and any(run_dir.iterdir()):
+            previous = RunDir(run_dir).info()
             # the killed attempt's files stay for inspection, out of the way of the new trial
             archive = sweep_dir / "trials" / "interrupted" / f"trial{slot}-attempt{attempt}"
             archive.parent.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(archive, ignore_errors=True)
             run_dir.rename(archive)
-        trial = study.ask()
-        trial.set_user_attr("slot", slot)
+            if previous.get("mlflow_run_id"):
+                # its trial is a failure in the study, so its MLflow run is no result either (even one that
+                # finished training just before the kill, before the study was told)
+                _tracker(exp).supersede(previous["mlflow_run_id"], f"slot {slot} re-asked; files in {archive}",
+                                        finished_too=True)
+            batch_key = trainer.knobs.get("batch_size")
+            if batch_key in space:
+                # the sampler chooses the batch size: an OOM is that point's failure, not a reason to shrink another
+                previous = {k: v for k, v in previous.items() if k not in ("batch_size", "out_of_memory")}
+        again = sweep.retry_point(study, slot, trainer.knobs.get("batch_size"), space)
+        trial = sweep.ask(study, slot, sweep_dir / "ask.lock", again)
         params = sweep.suggest(trial, space)
-        trainer = get_trainer(exp["trainer"])
+        if again is not None:
+            print(f"slot {slot}: trial {again.number} did not end ({again.user_attrs.get('fail_kind', 'killed')}); "
+                  f"its point is trained again as trial {trial.number}")
         config = sweep.trial_config(base, params, epochs, budget_key(trainer))
         if stale:
             print(f"slot {slot}: trial(s) {stale} left running by a killed job recorded as failed; re-asked as trial {trial.number}")
@@ -425,18 +534,21 @@ def cmd_sweep_trial(args) -> None:
             parent="sweep", tags={"trial": trial.number, "slot": slot, "study": study.study_name},
             wrap_reporter=lambda inner: sweep.TrialReporter(inner, trial, exp["metric"]["name"], budget(trainer, config)),
             config=config,
+            # an earlier attempt that ran out of memory makes this one's batch smaller (not its MLflow run's owner)
+            previous_attempt={k: v for k, v in previous.items() if k != "mlflow_run_id"},
         )
         try:
             metrics = cmd_train(train_args)
         except BaseException as e:
-            sweep.tell_failed(study, trial, sweep.INTERRUPTED if isinstance(e, KeyboardInterrupt) else "error",
-                              f"{type(e).__name__}: {e}")
+            kind = (sweep.INTERRUPTED if isinstance(e, KeyboardInterrupt)
+                    else "out_of_memory" if isinstance(e, OutOfMemory) else "error")
+            sweep.tell_failed(study, trial, kind, f"{type(e).__name__}: {e}")
             raise
         if metrics["status"] == "done":
-            study.tell(trial, float(metrics["primary"]["best"]))
+            sweep.tell(study, trial, float(metrics["primary"]["best"]))
         elif metrics["status"] == "pruned":
             trial.set_user_attr("reason", metrics["reason"])
-            study.tell(trial, state=sweep.TrialState.PRUNED)
+            sweep.tell(study, trial, state=sweep.TrialState.PRUNED)
         else:
             sweep.tell_failed(study, trial, "diverged", metrics.get("reason") or metrics["status"])
         done = sweep.finished_trial(study, slot)
@@ -778,6 +890,21 @@ def cmd_design(args) -> None:
           + f" -> {out / 'design.json'}")
 
 
+def cmd_gpu_slot(args) -> None:
+    """Run any command in the GPU slot(s) main() claimed: it replaces this process and keeps the locks,
+    so the slot is free again exactly when the command ends (for rules of your own that use a GPU)."""
+    from tunewise.devices import keep_slots_across_exec
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise CliError("no command given (tunewise gpu-slot --gpus N -- COMMAND ...)")
+    keep_slots_across_exec()
+    try:
+        os.execvp(command[0], command)
+    except OSError as e:
+        raise CliError(f"cannot run {command[0]!r}: {e.strerror}") from None
+
+
 def cmd_report_index(args) -> None:
     from tunewise.reports.render import write_index
 
@@ -786,6 +913,12 @@ def cmd_report_index(args) -> None:
 
 
 # --- argument parsing -----------------------------------------------------------------------
+
+
+def _gpus(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gpus", type=int, default=None, metavar="N",
+                   help="GPUs Snakemake gave this job ({resources.gpu}): lock N free GPU slots of this host and set "
+                        "CUDA_VISIBLE_DEVICES to them before torch loads (nothing for 0, or under SLURM)")
 
 
 def _common(p: argparse.ArgumentParser, experiment: bool = True) -> None:
@@ -839,6 +972,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true")
     p.add_argument("--reuse-from", default=None,
                    help="metrics.json of a finished run; adopted instead of training when it has the same config and seed")
+    _gpus(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("diagnose", help="Phase 3: findings, recommendations, config patch, strategy")
@@ -853,6 +987,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slot", type=int, required=True, help="trial slot (the Snakemake wildcard `trial`)")
     p.add_argument("--out", required=True, help="trial.json, written once the trial is told")
     p.add_argument("--threads", type=int)
+    _gpus(p)
     p.set_defaults(func=cmd_sweep_trial)
 
     p = sub.add_parser("select-best", help="Phase 4 sweep: best trial -> best.yaml, sweep.json, playbook checks")
@@ -867,6 +1002,7 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--summary", action="store_true", help="best.yaml, best.json, iterative.json after the last round")
     p.add_argument("--out", help="round<K>/round.json (or best.json with --summary); checked against the layout")
     p.add_argument("--threads", type=int)
+    _gpus(p)
     p.set_defaults(func=cmd_iterate)
 
     p = sub.add_parser("significance", help="multi-seed comparison and the decision point")
@@ -895,6 +1031,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", required=True)
     p.add_argument("--reports-dir", required=True)
     p.add_argument("--threads", type=int)
+    _gpus(p)
     p.set_defaults(func=cmd_finalize)
 
     p = sub.add_parser("design", help="Phase 6 (latent): batched inverse design on the final model, design_report.md")
@@ -906,7 +1043,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="a design setting for this run, e.g. restarts=200 or alpha=0 (YAML value)")
     p.add_argument("--progress", action="store_true", help="a progress bar over the design steps")
+    _gpus(p)
     p.set_defaults(func=cmd_design)
+
+    p = sub.add_parser("gpu-slot", help="run a command in a free GPU slot of this host (CUDA_VISIBLE_DEVICES set)")
+    _gpus(p)
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARG ...]")
+    p.set_defaults(func=cmd_gpu_slot, gpus=1)
 
     p = sub.add_parser("report-index", help="reports/index.md across experiments")
     _common(p, experiment=False)
@@ -916,14 +1059,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _claim_gpu_slots(args) -> None:
+    """Before any verb imports torch: CUDA reads CUDA_VISIBLE_DEVICES once, when it initialises."""
+    if getattr(args, "gpus", None) is None:
+        return
+    from tunewise import devices
+
+    claimed = devices.claim_gpus(args.gpus)
+    if claimed:
+        print(f"tunewise {args.verb}: GPU slot(s) {','.join(claimed)} (CUDA_VISIBLE_DEVICES)", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from tunewise.config import ConfigError
+    from tunewise.devices import GpuSlotError
+    from tunewise.runs import CheckpointError
+    from tunewise.tracking import TrackingError
 
     try:
+        _claim_gpu_slots(args)
         args.func(args)
-    except (CliError, ConfigError, FileNotFoundError) as e:
+    except (CliError, ConfigError, FileNotFoundError, GpuSlotError, TrackingError, CheckpointError) as e:
         print(f"tunewise {args.verb}: error: {e}", file=sys.stderr)
         return 2
     return 0

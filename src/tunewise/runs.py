@@ -27,6 +27,10 @@ import yaml
 FINISHED = {"done", "diverged", "pruned"}
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be used: the message names the file and what is wrong with it."""
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -124,10 +128,31 @@ class RunDir:
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "attempt": int(previous.get("attempt", 0)) + 1,
             "mlflow_run_id": previous.get("mlflow_run_id"),
+            # where the attempt ran: a cluster job (requeued jobs keep their id) and the GPUs it was given
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             **(meta or {}),
         }
+        if previous:
+            # how the earlier starts ended, since each start rewrites the job's log: killed (still "running"),
+            # interrupted, out of memory and at which batch size, requeued
+            ended = {k: previous[k] for k in ("attempt", "status", "reason", "started", "batch_size", "slurm_job_id")
+                     if previous.get(k) is not None}
+            if ended.get("status") == "running":
+                ended["status"] = "killed"
+            info["earlier"] = [*previous.get("earlier", []), ended]
         write_json(self.run_json_path, info)
         return info
+
+    def clear(self) -> None:
+        """Forget the training of an earlier start (checkpoints, history, final metrics): the next start trains
+        from scratch. For a run whose config changed since, whose batch was made smaller after running out of
+        memory, or that is trained again on purpose: resuming its last.pt would mix two trainings."""
+        import shutil
+
+        shutil.rmtree(self.checkpoints, ignore_errors=True)
+        for path in (self.history_path, self.metrics_path, self.path / CONFUSION_FILE):
+            path.unlink(missing_ok=True)
 
     def update_info(self, **fields: Any) -> None:
         info = self.info()
@@ -177,11 +202,16 @@ class RunDir:
             raise
         return path
 
-    def load_checkpoint(self, name: str, map_location: Any = "cpu") -> dict | None:
+    def load_checkpoint(self, name: str, map_location: Any = "cpu", required: tuple[str, ...] = ()) -> dict | None:
+        """This run's own checkpoint (what a resume reads), None when there is none yet."""
         path = self.checkpoints / name
         if not path.exists():
             return None
-        return load_checkpoint(path, map_location)
+        try:
+            return load_checkpoint(path, map_location, required)
+        except CheckpointError as e:
+            # the job resumes from this file on every rerun, so without the way out it would fail forever
+            raise CheckpointError(f"{e}; delete it to train this run from scratch") from e
 
     def history(self):
         import pandas as pd
@@ -193,13 +223,44 @@ class RunDir:
             return yaml.safe_load(f)
 
 
-def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict:
-    """torch.load with weights_only=True; a damaged file becomes a clear error naming it."""
+def load_checkpoint(path: Path, map_location: Any = "cpu", required: tuple[str, ...] = ()) -> dict:
+    """torch.load with weights_only=True (no pickled code runs); a file that cannot serve as a checkpoint
+    becomes a CheckpointError naming it and the problem, with the `required` keys checked."""
     import pickle
 
     import torch
 
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head.startswith(b"version https://git-lfs"):
+        raise CheckpointError(f"checkpoint {path} is a Git LFS pointer, not the checkpoint itself (run `git lfs pull`)")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as e:
-        raise RuntimeError(f"checkpoint {path} cannot be loaded ({type(e).__name__}: {e})") from e
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError, OSError) as e:
+        raise CheckpointError(f"checkpoint {path} cannot be loaded: {_load_problem(e)}") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} cannot be loaded: it holds a {type(state).__name__}, not a dict of states")
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {path} cannot be loaded: it lacks {', '.join(missing)} (it has {', '.join(map(str, state))})"
+        )
+    return state
+
+
+def _load_problem(error: BaseException) -> str:
+    """torch's load errors in one line: they run to a screen of advice, some of it (load with
+    weights_only=False) wrong for a file of unknown origin."""
+    import re
+
+    text = str(error)
+    refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if refused:
+        return (f"it holds a pickled Python object ({refused.group(1)}) besides tensors, and only tensors and "
+                "plain containers are loaded (weights_only=True); save state dicts, not objects")
+    if "weights only load failed" in text.lower() or "unpickl" in type(error).__name__.lower():
+        return "it is not a torch.save file (not a zip archive of tensors)"
+    if "zip archive" in text or isinstance(error, EOFError):
+        return "the file is truncated or corrupted (an incomplete torch.save archive)"
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"

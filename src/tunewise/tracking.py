@@ -3,8 +3,10 @@ seed runs as children, per-epoch metrics with steps.
 
 Parallel jobs share one SQLite file by default, which answers "database is locked" under
 load: every write goes through `_retry`, and the database is created under a file lock
-before jobs fan out. History.csv stays the source of truth; `EpochReporter.replay` re-sends
-rows a killed job never got to log, so a resumed run loses no metric.
+before jobs fan out. Against an `mlflow server` (http://...) the same retries ride out a
+server that is starting, restarting or answering 5xx; one that stays away fails with a
+TrackingError naming it. History.csv stays the source of truth; `EpochReporter.replay`
+re-sends rows a killed job never got to log, so a resumed run loses no metric.
 """
 from __future__ import annotations
 
@@ -16,7 +18,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 DEFAULT_URI = "sqlite:///mlflow.db"
-_TRANSIENT = ("database is locked", "database table is locked", "OperationalError", "Connection", "timed out", "503", "502")
+RETRY_ENV = "TUNEWISE_TRACKING_RETRY_S"
+DEFAULT_RETRY_S = 120.0  # long enough for a tracking server to restart, short enough to fail a job visibly
+# What MLflow says for a busy SQLite store, and, through a server, for refused or dropped connections and for
+# 5xx answers (its HTTP client reports those as "Max retries exceeded ... too many 503 error responses")
+_TRANSIENT = ("database is locked", "database table is locked", "OperationalError", "Connection", "timed out",
+              "Max retries exceeded", "RemoteDisconnected", "TEMPORARILY_UNAVAILABLE", "503", "502", "504")
 
 log = logging.getLogger(__name__)
 
@@ -25,17 +32,43 @@ def resolve_uri(configured: str | None = None) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or configured or DEFAULT_URI
 
 
-def _retry(fn: Callable, *args, attempts: int = 12, **kwargs):
-    delay = 0.05
-    for attempt in range(attempts):
+class TrackingError(RuntimeError):
+    """The tracking store kept failing with transient errors for the whole retry budget."""
+
+
+def _transient(e: Exception) -> bool:
+    text = f"{type(e).__name__}: {e}"
+    return any(t in text for t in _TRANSIENT)
+
+
+def retry_budget() -> float:
+    return float(os.environ.get(RETRY_ENV) or DEFAULT_RETRY_S)
+
+
+def _retry(fn: Callable, *args, uri: str | None = None, budget: float | None = None, **kwargs):
+    """Call fn until it succeeds or a non-transient error comes; transient ones are retried with backoff
+    for `budget` seconds (TUNEWISE_TRACKING_RETRY_S), then end in a TrackingError naming the store."""
+    budget = retry_budget() if budget is None else budget
+    started, delay, attempt = time.monotonic(), 0.05, 0
+    while True:
+        attempt += 1
         try:
             return fn(*args, **kwargs)
         except Exception as e:  # MLflow wraps SQLAlchemy/HTTP errors in several types
-            text = f"{type(e).__name__}: {e}"
-            if attempt == attempts - 1 or not any(t in text for t in _TRANSIENT):
+            if not _transient(e):
                 raise
-            time.sleep(delay * (1 + random.random()))
+            elapsed = time.monotonic() - started
+            if elapsed >= budget:
+                raise TrackingError(_gave_up(uri or DEFAULT_URI, e, attempt, elapsed)) from e
+            time.sleep(min(delay * (1 + random.random()), max(0.0, budget - elapsed)))
             delay = min(delay * 2, 5.0)
+
+
+def _gave_up(uri: str, e: Exception, attempts: int, elapsed: float) -> str:
+    hint = (f"is `mlflow server` running at {uri} and reachable from this host?" if uri.startswith(("http://", "https://"))
+            else "is another process holding the database for this long?")
+    return (f"MLflow tracking store {uri} still failing after {attempts} attempts over {elapsed:.1f} s "
+            f"({RETRY_ENV}={retry_budget():g}): {hint} Last error: {type(e).__name__}: {str(e)[:500]}")
 
 
 def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
@@ -64,7 +97,10 @@ class Tracker:
                 self.experiment_id = self._ensure_experiment(experiment)
         else:
             self.client = MlflowClient(tracking_uri=self.uri)
-            self.experiment_id = _retry(self._ensure_experiment, experiment)
+            self.experiment_id = self._call(self._ensure_experiment, experiment)
+
+    def _call(self, fn: Callable, *args, **kwargs):
+        return _retry(fn, *args, uri=self.uri, **kwargs)
 
     def _ensure_experiment(self, name: str) -> str:
         exp = self.client.get_experiment_by_name(name)
@@ -83,20 +119,50 @@ class Tracker:
         if parent_id:
             # the tag nests the run in the UI whatever the parent's state (ecosystem.md)
             tags["mlflow.parentRunId"] = parent_id
-        run = _retry(self.client.create_run, self.experiment_id, run_name=run_name, tags=tags)
+        run = self._call(self.client.create_run, self.experiment_id, run_name=run_name, tags=tags)
         return run.info.run_id
 
     def resume_run(self, run_id: str) -> str:
-        _retry(self.client.update_run, run_id, status="RUNNING")
+        self._call(self.client.update_run, run_id, status="RUNNING")
+        # an earlier attempt that failed left its verdict: the run is going again, so it no longer holds
+        tags = self._call(self.client.get_run, run_id).data.tags
+        for key in ("status", "reason"):
+            if key in tags:
+                self._call(self.client.delete_tag, run_id, key)
         return run_id
 
-    def log_params(self, run_id: str, params: dict) -> None:
+    def run_status(self, run_id: str) -> str | None:
+        """RUNNING, FINISHED, FAILED or KILLED; None when the store has no such run (reset, or deleted)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self._call(self.client.get_run, run_id)
+        except MlflowException as e:
+            if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return None
+            raise
+        return None if run.info.lifecycle_stage == "deleted" else run.info.status
+
+    def supersede(self, run_id: str, reason: str, finished_too: bool = False) -> None:
+        """End the run of an attempt that was killed and will not be continued (another run replaces it):
+        KILLED and tagged status=interrupted, kept for the record, never counted as a result. `finished_too`:
+        also a run that finished but whose result was never used (a sweep trial killed before it was told)."""
+        if self.run_status(run_id) in (("RUNNING", "FINISHED") if finished_too else ("RUNNING",)):
+            self.set_tags(run_id, {"status": "interrupted", "reason": reason})
+            self.end_run(run_id, "KILLED")
+
+    def log_params(self, run_id: str, params: dict, only_new: bool = False) -> None:
+        """`only_new`: leave the params the run already has (a resumed run: its threads or device may differ
+        this time, and MLflow refuses to change a param)."""
         from mlflow.entities import Param
 
         flat = _flatten(params)
+        if only_new:
+            have = self._call(self.client.get_run, run_id).data.params
+            flat = {k: v for k, v in flat.items() if k not in have}
         items = [Param(k, str(v)[:6000]) for k, v in flat.items()]
         for i in range(0, len(items), 100):
-            _retry(self.client.log_batch, run_id, params=items[i : i + 100])
+            self._call(self.client.log_batch, run_id, params=items[i : i + 100])
 
     def log_metrics(self, run_id: str, metrics: dict[str, Any], step: int | None = None) -> None:
         import math
@@ -104,45 +170,59 @@ class Tracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
+        # a summary metric (no step) the run already holds with this value is not logged again: a job that
+        # reruns after a kill would otherwise add a second point to its history
+        have = self._call(self.client.get_run, run_id).data.metrics if step is None else {}
         items = []
         for k, v in metrics.items():
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 continue
+            if have.get(k) == float(v):
+                continue
             items.append(Metric(k, float(v), now, int(step or 0)))
         for i in range(0, len(items), 500):
-            _retry(self.client.log_batch, run_id, metrics=items[i : i + 500])
+            self._call(self.client.log_batch, run_id, metrics=items[i : i + 500])
 
-    def log_rows(self, run_id: str, rows: list[dict[str, Any]]) -> None:
-        """Many steps' metrics (each row has its `step`) in as few batches as MLflow allows."""
+    def log_rows(self, run_id: str, rows: list[dict[str, Any]], logged: dict[str, int] | None = None) -> None:
+        """Many steps' metrics (each row has its `step`) in as few batches as MLflow allows; with `logged`
+        (logged_steps), a metric at a step the run already holds is left out, so nothing is doubled."""
         import math
 
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
+        logged = logged or {}
         items = [
             Metric(k, float(v), now, int(row["step"]))
             for row in rows
             for k, v in row.items()
             if k != "step" and not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+            and int(row["step"]) > logged.get(k, 0)
         ]
         for i in range(0, len(items), 1000):  # MLflow's log_batch limit
-            _retry(self.client.log_batch, run_id, metrics=items[i : i + 1000])
+            self._call(self.client.log_batch, run_id, metrics=items[i : i + 1000])
 
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        _retry(self.client.log_batch, run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self._call(self.client.log_batch, run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
         if Path(path).exists():
-            _retry(self.client.log_artifact, run_id, str(path), artifact_path)
+            self._call(self.client.log_artifact, run_id, str(path), artifact_path)
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
-        _retry(self.client.set_terminated, run_id, status=status)
+        self._call(self.client.set_terminated, run_id, status=status)
 
     def max_logged_step(self, run_id: str, key: str) -> int:
-        history = _retry(self.client.get_metric_history, run_id, key)
+        history = self._call(self.client.get_metric_history, run_id, key)
         return max((m.step for m in history), default=0)
+
+    def logged_steps(self, run_id: str) -> dict[str, int]:
+        """The last step logged for each metric of the run. Per metric, because a batch cut off by a kill (or
+        a row whose value was not finite) leaves metrics of one step logged and others not."""
+        keys = self._call(self.client.get_run, run_id).data.metrics
+        return {key: self.max_logged_step(run_id, key) for key in keys}
 
     def parent_run(self, run_name: str, tags: dict[str, Any], state_file: Path) -> str:
         """A phase parent shared by many jobs (e.g. all seed runs), created once."""
@@ -155,8 +235,10 @@ class Tracker:
             run_id = state.get(run_name)
             if run_id:
                 try:
-                    _retry(self.client.get_run, run_id)
+                    self._call(self.client.get_run, run_id)
                     return run_id
+                except TrackingError:
+                    raise  # the store is unreachable, not reset
                 except Exception:
                     pass  # the tracking store was reset; make a new parent
             run_id = self.start_run(run_name, tags)
@@ -179,6 +261,7 @@ class EpochReporter:
         self.flush_every = flush_every
         self._pending: list[dict] = []
         self._last_flush = time.monotonic()
+        self._logged: dict[str, int] = {}  # what the run held when it resumed (sync): never sent twice
 
     def epoch(self, step: int, row: dict) -> None:
         if not (self.tracker and self.run_id):
@@ -189,16 +272,20 @@ class EpochReporter:
 
     def flush(self) -> None:
         if self._pending and self.tracker and self.run_id:
-            self.tracker.log_rows(self.run_id, self._pending)
+            self.tracker.log_rows(self.run_id, self._pending, self._logged)
         self._pending = []
         self._last_flush = time.monotonic()
 
+    def sync(self) -> None:
+        """Learn what the (resumed) run already holds: rows logged before a kill are not sent again, even
+        when the resumed training reaches their steps once more (a run that restarts from its first epoch)."""
+        if self.tracker and self.run_id:
+            self._logged = self.tracker.logged_steps(self.run_id)
+
     def replay(self, rows: list[dict]) -> None:
+        """Send the rows of history.csv a killed attempt never got to log (each metric from its own last step)."""
         if not (self.tracker and self.run_id and rows):
             return
         self.flush()
-        key = next((k for k in rows[-1] if k not in ("step",)), None)
-        done = self.tracker.max_logged_step(self.run_id, key) if key else 0
-        missing = [row for row in rows if row["step"] > done]
-        if missing:
-            self.tracker.log_rows(self.run_id, missing)
+        self.sync()
+        self.tracker.log_rows(self.run_id, rows, self._logged)

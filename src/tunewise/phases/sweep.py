@@ -129,10 +129,11 @@ def storage(url: str | None, journal: Path):
 
 def make_sampler(name: str, seed: int, space: dict, grid_points: int, slot: int = 0, attempt: int = 0):
     """Every job builds its own sampler. Seeds that vary per slot keep parallel jobs from proposing the same
-    point; QMC keeps one seed, since its scrambling must be the same in every process."""
+    point; grid and QMC keep one seed, since the grid's order (GridSampler shuffles it with the seed; a trial
+    stores its index into it) and QMC's scrambling must be the same in every process."""
     job_seed = seed + 1000 * slot + attempt
     if name == "grid":
-        return optuna.samplers.GridSampler(grid(space, grid_points), seed=job_seed)
+        return optuna.samplers.GridSampler(grid(space, grid_points), seed=seed)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=job_seed)
     if name == "qmc":
@@ -203,14 +204,66 @@ def fail_stale(study: optuna.Study, slot: int) -> list[int]:
     A failed trial without a `fail_kind` in FINAL_FAILURES counts as interrupted."""
     stale = [t.number for t in slot_trials(study, slot) if t.state == TrialState.RUNNING]
     for number in stale:
-        study.tell(number, state=TrialState.FAIL)
+        tell(study, number, state=TrialState.FAIL)
     return stale
+
+
+# failures that say nothing about the trial's point: the re-asked trial trains the same point again, so a
+# kill loses nothing and the sweep ends as it would have without it ("out_of_memory" only when the batch size
+# is not searched: the retry then trains the same point with half the batch)
+RETRY_SAME_POINT = (INTERRUPTED, "out_of_memory")
+
+
+def retry_point(study: optuna.Study, slot: int, batch_key: str | None, space: dict):
+    """The slot's last trial when the re-ask should train its point again (it was killed or interrupted, or
+    it ran out of memory with a batch size the sampler does not choose), else None: a point that failed with
+    an error gets a fresh one. Call after fail_stale (a trial left RUNNING by a killed job counts as killed)."""
+    trials = slot_trials(study, slot)
+    if not trials:
+        return None
+    last = max(trials, key=lambda t: t.number)
+    kind = last.user_attrs.get("fail_kind", INTERRUPTED)  # none: a job killed before it could tell
+    if last.state != TrialState.FAIL or kind not in RETRY_SAME_POINT:
+        return None
+    if kind == "out_of_memory" and batch_key in space:
+        return None
+    return last
+
+
+def ask(study: optuna.Study, slot: int, lock: Path, again=None) -> optuna.Trial:
+    """A trial for the slot; `again` (a FrozenTrial) is asked again with its params and sampler state (a grid
+    point keeps its grid id), as Optuna's RetryFailedTrialCallback does. The retry is queued as a WAITING
+    trial, which any job's ask would take: every ask goes through one file lock per study, so only this
+    slot's job takes it."""
+    from filelock import FileLock
+
+    with FileLock(str(lock), timeout=600):
+        if again is not None:
+            study.add_trial(optuna.trial.create_trial(
+                state=TrialState.WAITING, params=again.params, distributions=again.distributions,
+                user_attrs={"slot": slot, "retry_of": again.number},
+                system_attrs={**again.system_attrs, "failed_trial": again.number},
+            ))
+        trial = study.ask()
+    trial.set_user_attr("slot", slot)
+    return trial
+
+
+def tell(study: optuna.Study, trial, value: float | None = None, state: TrialState | None = None) -> None:
+    """study.tell for a trial run as its own job. The grid sampler asks the study to stop once every grid
+    point has been tried, and outside study.optimize that request raises after the trial is stored: the
+    last trial's job would fail although its answer is recorded. Here there is no loop to stop."""
+    try:
+        study.tell(trial, value, state=state)
+    except RuntimeError as e:
+        if "Study.stop" not in str(e):
+            raise
 
 
 def tell_failed(study: optuna.Study, trial: optuna.Trial, kind: str, reason: str) -> None:
     trial.set_user_attr("fail_kind", kind)
     trial.set_user_attr("reason", reason[:500])
-    study.tell(trial, state=TrialState.FAIL)
+    tell(study, trial, state=TrialState.FAIL)
 
 
 def trial_config(base_config: dict, params: dict, epochs: int | None, budget_key: str = "train.epochs") -> dict:

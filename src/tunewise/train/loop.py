@@ -46,6 +46,10 @@ def _progress(total: int, initial: int, desc: str, enabled: bool | None):
 
 
 UPDATE_RATIO_SAMPLES = 8  # optimizer steps per epoch whose update-to-weight ratio is measured
+# what a resume reads from last.pt: a file without them (a best.pt copied over it, a hand-made file) is named
+# with what it lacks instead of failing on a KeyError halfway through restoring the state
+RESUME_KEYS = ("model", "optimizer", "schedule", "epoch", "best_value", "best_step", "bad_epochs", "wall_seconds",
+               "history", "torch_rng", "py_rng")
 
 
 def _update_ratio(params: list[torch.Tensor], before: list[torch.Tensor]) -> torch.Tensor:
@@ -91,7 +95,7 @@ def fit(
 
     history: list[dict] = []
     start_epoch, best_value, best_step, bad_epochs, wall = 0, None, 0, 0, 0.0
-    last = run.load_checkpoint("last.pt")
+    last = run.load_checkpoint("last.pt", required=RESUME_KEYS)
     if last is not None:
         model.load_state_dict(last["model"])
         optimizer.load_state_dict(last["optimizer"])
@@ -103,10 +107,12 @@ def fit(
         run.write_history(history)
         reporter.replay(history)  # rows whose tracking was cut off by the interruption
 
-    stopped_early = False
+    # a run that had already stopped early when it was killed (before it was recorded as finished) stays
+    # stopped: another epoch would make it differ from the run that was not killed
+    stopped_early = last is not None and patience is not None and bad_epochs >= int(patience)
     samples_total = 0
     bar = _progress(epochs, start_epoch, run.path.name, progress)
-    for epoch in range(start_epoch, epochs):
+    for epoch in range(start_epoch, start_epoch if stopped_early else epochs):
         model.train()
         t0 = time.perf_counter()
         data_wait = 0.0
