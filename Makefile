@@ -7,7 +7,7 @@ CONFIG ?= config/config.yaml
 ARGS ?=
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install run test bench dry-run lint mlflow-ui clean
+.PHONY: install run report test bench dry-run lint mlflow-ui clean
 
 install: $(VENV)/.installed
 
@@ -22,6 +22,10 @@ run: install  ## the whole workflow on the default config; prints the workflow's
 	snakemake --cores $(CORES) --resources gpu=1 --configfile $(CONFIG) $(ARGS); status=$$?; \
 	echo "workflow time (without installation): $$(python3 -c "print(f'{$$(date +%s.%N) - $$start:.1f}')") s"; \
 	exit $$status
+
+# after `make run` (same CONFIG): one self-contained HTML with the reports and plots of every experiment by phase
+report: install
+	snakemake --report report.html --configfile $(CONFIG) $(ARGS)
 
 # two workers, a test file each: the end-to-end files wait on Snakemake's serial steps much of the time
 TEST_WORKERS ?= 2
@@ -43,4 +47,4 @@ mlflow-ui: install
 clean:
 	# reports/templates/ is source: only the generated per-experiment folders go
 	find reports -mindepth 1 -maxdepth 1 -type d ! -name templates -exec rm -rf {} +
-	rm -rf results reports/index.md mlflow.db mlflow.db.lock mlruns .snakemake
+	rm -rf results reports/index.md mlflow.db mlflow.db.lock mlruns .snakemake report.html report.zip

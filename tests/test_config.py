@@ -26,7 +26,7 @@ def test_defaults_are_filled_and_resolution_merges_trainer_defaults():
 @pytest.mark.parametrize(
     "exp, needle",
     [
-        ({"trainer": "nosuch"}, "experiments.e1.trainer: \"unknown trainer 'nosuch'"),
+        ({"trainer": "nosuch"}, "experiments.e1.trainer: unknown trainer 'nosuch'"),
         ({"significance": {"alpha": "0.05"}}, "experiments.e1.significance.alpha"),
         ({"significance": {"seeds": 1}}, "experiments.e1.significance.seeds"),
         ({"baseline": {"optim": {"lr": "fast"}}}, "experiments.e1.baseline.optim.lr: expected number"),
@@ -114,3 +114,10 @@ def test_design_enabled_only_for_a_trainer_with_design_left_on():
     assert design_enabled(resolve_experiment(validate(_latent()), "m"))
     assert not design_enabled(resolve_experiment(validate(_latent(design={"enabled": False})), "m"))
     assert not design_enabled(resolve_experiment(validate(base_config()), "e1"))
+
+
+def test_request_gpus_is_a_checked_top_level_switch():
+    assert validate(base_config())["request_gpus"] == "auto"
+    assert validate({**base_config(), "request_gpus": "always"})["request_gpus"] == "always"
+    with pytest.raises(ConfigError, match=r"request_gpus: 'sometimes' is not one of \['auto', 'always', 'never'\]"):
+        validate({**base_config(), "request_gpus": "sometimes"})

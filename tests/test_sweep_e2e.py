@@ -1,4 +1,4 @@
-"""Strategy `sweep` through Snakemake on the latent trainer: every sampler and pruner end to end, and a
+"""Strategy `sweep` through Snakemake on the latent trainer: samplers and pruners end to end, and a
 workflow killed in the middle of a sweep that finishes the study on the next run without retraining
 a finished trial."""
 from __future__ import annotations
@@ -18,8 +18,9 @@ from test_workflow_e2e import REPO, _env, snakemake
 
 pytestmark = pytest.mark.e2e
 
-PAIRS = [("grid", "none"), ("random", "median"), ("qmc", "successive_halving"), ("tpe", "hyperband"),
-         ("gp", "median"), ("cmaes", "none")]
+# test_sweep.py runs every sampler and pruner on a real journal study in-process; through Snakemake, CI's time
+# budget allows three: the grid (it walks its points by slot), a QMC sequence and TPE, with three pruners
+PAIRS = [("grid", "none"), ("qmc", "successive_halving"), ("tpe", "hyperband")]
 N_TRIALS = 3
 
 

@@ -5,6 +5,7 @@ tests use workflows of their own.
 """
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -200,6 +201,55 @@ def test_nothing_to_do_after_a_finished_run(finished):
     proc = snakemake(work, "-n")
     assert proc.returncode == 0
     assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+def _report_data(html: str, name: str):
+    """A JSON object the report's script reads: Snakemake 9 writes `var results = {...};` (every flagged file under
+    its path, embedded as a base64 data URI, with its rendered caption) and `var categories = {...};` (the paths
+    by category and subcategory) on lines of their own."""
+    # an object literal: the bundled JS libraries declare a `var results` of their own
+    match = re.search(rf"^\s*var {name} = (\{{.*\}});\s*$", html, re.MULTILINE)
+    assert match, f"no `var {name}` in the report"
+    return json.loads(match.group(1))
+
+
+def test_html_report_embeds_every_report_and_plot_by_experiment_and_phase(finished, tmp_path):
+    from tunewise.reports.render import REPORT_NAMES
+
+    work, _ = finished
+    html = tmp_path / "report.html"
+    proc = snakemake(work, "--report", str(html))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = html.read_text()
+    assert "tunewise takes each experiment" in text  # the front page: workflow/report/workflow.rst
+    categories, results = _report_data(text, "categories"), _report_data(text, "results")
+    exp, plots = f"reports/{EXP}", f"reports/{EXP}/plots"
+    assert {cat: {sub: set(paths) for sub, paths in subs.items()} for cat, subs in categories.items()} == {
+        EXP: {
+            "Phase 2: baseline": {f"{plots}/baseline_curves.png"},
+            "Phase 3: diagnosis": {f"{exp}/diagnostic_report.md"},
+            "Phase 4: optimization": {f"{exp}/optimization_results.md", f"{plots}/curves_comparison.png"},
+            "Significance": {f"{exp}/significance.md", f"{plots}/seed_scores.png"},
+            "Phase 5: finalization": {f"{exp}/final_report.md"},
+            "Design": {f"{exp}/design_report.md", f"{plots}/design_trajectories.png", f"{plots}/design_scores.png"},
+        },
+        "Overview": {"All experiments": {"reports/index.md", "reports/plots/index_overview.png"}},
+    }
+    # every markdown report this run wrote is inside, not only the ones this test names
+    assert {f"{exp}/{name}" for name in REPORT_NAMES if (work / exp / name).exists()} <= set(results)
+    assert set(results) == {path for subs in categories.values() for paths in subs.values() for path in paths}
+    for path, entry in results.items():
+        # the very bytes the workflow wrote, not a link to them: the HTML stands alone
+        embedded = base64.b64decode(entry["data_uri"].split(";base64,", 1)[1])
+        assert embedded == (work / path).read_bytes(), path
+        if path.endswith(".png"):
+            assert entry["mime_type"] == "image/png", path
+        else:  # .md: text/markdown where the system's mime.types knows it, Snakemake's text/plain elsewhere
+            assert entry["mime_type"].startswith("text/"), path
+        # the captions are rendered for the job that wrote the file: an experiment's name its own
+        assert entry["caption"].strip(), path
+        if path.startswith(f"{exp}/"):
+            assert EXP in entry["caption"], path
 
 
 @pytest.mark.parametrize(

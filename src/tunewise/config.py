@@ -113,14 +113,25 @@ def _key_path(error) -> str:
     return ".".join(str(p) for p in error.absolute_path) or "(top level)"
 
 
+def _schema_message(error) -> str:
+    """jsonschema's message; for a oneOf/anyOf ("not valid under any of the given schemas") with the reason
+    each alternative gave, so the user learns what was wrong (seeds: 0 -> "less than the minimum of 2")."""
+    if error.validator in ("oneOf", "anyOf") and error.context:
+        reasons = "; ".join(dict.fromkeys(sub.message for sub in error.context))
+        return f"{error.message} ({reasons})"
+    return error.message
+
+
 def validate_schema(config: Any) -> dict:
+    if config is None:
+        raise ConfigError("config is empty: expected a mapping with an `experiments` key")
     if not isinstance(config, dict):
         raise ConfigError(f"config must be a mapping with an `experiments` key, got {type(config).__name__}")
     config = copy.deepcopy(config)
     validator = _validator_with_defaults()(_schema())
     errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
     if errors:
-        lines = [f"{_key_path(e)}: {e.message}" for e in errors[:10]]
+        lines = [f"{_key_path(e)}: {_schema_message(e)}" for e in errors[:10]]
         raise ConfigError("invalid config:\n  " + "\n  ".join(lines))
     return config
 
@@ -168,6 +179,42 @@ def _check_against_defaults(values: dict, defaults: dict, where: str, open_keys:
             _check_against_defaults(value, default, dotted, open_keys, rel)
 
 
+def _check_sweep_space(exp: dict, trainer: Any, resolved: dict, where: str) -> None:
+    """The sweep's space is first read by a sweep_trial job, after the baseline and the diagnosis: a bad
+    parameter there (bounds swapped, a typo in its key, every parameter removed) is reported now instead."""
+    overrides = exp["optimize"]["sweep"]["space"] or {}
+    if exp["optimize"]["strategy"] != "sweep" and not overrides:
+        return  # no sweep asked for, nothing changed: the trainer's own space is its tests' business
+    from tunewise.phases.sweep import SweepError, resolve_space
+
+    try:
+        resolve_space(trainer.search_space(), overrides)
+    except SweepError as e:
+        raise ConfigError(f"{where}.{e}") from None
+    open_keys = getattr(trainer, "open_config_keys", set())
+    for key, spec in overrides.items():
+        if spec is None or any(key.startswith(k + ".") for k in open_keys):
+            continue
+        try:
+            get_dotted(resolved, key)
+        except KeyError:
+            # trial_config would create the key, and the trainer would never read it: a sweep of nothing
+            close = difflib.get_close_matches(key, _leaf_keys(resolved), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(
+                f"{where}.optimize.sweep.space.{key}: not a key of the {exp['trainer']} trainer's config "
+                f"({hint}sweep parameters are dotted config keys such as optim.lr)"
+            ) from None
+
+
+def _leaf_keys(config: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key, value in config.items():
+        dotted = f"{prefix}{key}"
+        out.extend(_leaf_keys(value, dotted + ".") if isinstance(value, dict) and value else [dotted])
+    return out
+
+
 def resolve_experiment(config: dict, name: str) -> dict:
     """The fully resolved experiment: schema defaults, trainer defaults, data and baseline merged.
 
@@ -184,7 +231,8 @@ def resolve_experiment(config: dict, name: str) -> dict:
     try:
         trainer = get_trainer(exp["trainer"])
     except (KeyError, ImportError, AttributeError) as e:
-        raise ConfigError(f"{where}.trainer: {e}") from None
+        # args[0], not str(e): a KeyError's str() is the repr of its message, quotes and all
+        raise ConfigError(f"{where}.trainer: {e.args[0] if e.args else e}") from None
     defaults = trainer.default_config()
     _check_against_defaults(exp["data"], defaults["data"], f"{where}.data", trainer.open_config_keys, "data")
     _check_against_defaults(exp["baseline"], defaults, f"{where}.baseline", trainer.open_config_keys)
@@ -204,6 +252,7 @@ def resolve_experiment(config: dict, name: str) -> dict:
         trainer.check_config(resolved)
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(f"{where}: {e}") from None
+    _check_sweep_space(exp, trainer, resolved, where)
     seeds = exp["significance"]["seeds"]
     exp["significance"]["seeds"] = list(range(seeds)) if isinstance(seeds, int) else seeds
     exp["metric"] = {

@@ -617,15 +617,14 @@ def write_index(results_dir: Path, reports_dir: Path) -> Path:
             rows.append(_index_row(exp_dir, reports_dir, index))
         else:
             not_run.append(exp_dir.name)
-    plot = None
     plotted = [r for r in rows if _number(r["baseline_mean"]) is not None]
-    if plotted:
-        plot = plot_overview(
-            [{k: (_number(r[k]) if k.endswith(("_mean", "_std")) else r[k])
-              for k in ("experiment", "metric", "baseline_mean", "baseline_std", "optimized_mean", "optimized_std")}
-             for r in plotted],
-            reports_dir / "plots" / "index_overview.png",
-        )
-    text = render("index.md.j2", rows=rows, not_run=not_run, plot=_link(plot, index) if plot else None)
+    # drawn even with nothing to plot (a "no experiment recorded" panel): the report_index rule declares it
+    plot = plot_overview(
+        [{k: (_number(r[k]) if k.endswith(("_mean", "_std")) else r[k])
+          for k in ("experiment", "metric", "baseline_mean", "baseline_std", "optimized_mean", "optimized_std")}
+         for r in plotted],
+        reports_dir / "plots" / "index_overview.png",
+    )
+    text = render("index.md.j2", rows=rows, not_run=not_run, plot=_link(plot, index))
     atomic_write_text(index, text)
     return index

@@ -280,12 +280,28 @@ def _embedded_table(cfg: dict, threads: int) -> tuple[pd.DataFrame, int]:
 
 
 def _read_user_file(path: Path) -> pd.DataFrame:
+    """The user's table; a file pandas cannot read becomes a ValueError naming it and why."""
     name = path.name.lower()
-    if name.endswith((".parquet", ".pq")):
-        return pd.read_parquet(path)
-    if name.endswith((".csv", ".csv.gz", ".csv.bz2", ".csv.xz", ".csv.zst")):
-        return pd.read_csv(path)
-    raise ValueError(f"data.path: {path}: expected a .csv or .parquet file")
+    try:
+        if name.endswith((".parquet", ".pq")):
+            frame = pd.read_parquet(path)
+        elif name.endswith((".csv", ".csv.gz", ".csv.bz2", ".csv.xz", ".csv.zst")):
+            frame = pd.read_csv(path)
+        else:
+            raise ValueError(f"data.path: {path}: expected a .csv or .parquet file")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"data.path: {path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"data.path: {path}: the file is empty (no header, no rows)") from None
+    except pd.errors.ParserError as e:
+        raise ValueError(f"data.path: {path}: not a readable CSV ({str(e).strip()})") from None
+    except (OSError, ArithmeticError) as e:
+        # pyarrow's errors for a damaged parquet file derive from these
+        raise ValueError(f"data.path: {path}: cannot be read ({type(e).__name__}: {e})") from None
+    if len(frame) == 0:
+        # caught here: an empty table would otherwise surface as "targets are not numeric" (empty columns are text)
+        raise ValueError(f"data.path: {path}: has a header ({len(frame.columns)} columns) but no rows")
+    return frame
 
 
 def _user_table(cfg: dict) -> tuple[pd.DataFrame, int]:
@@ -491,12 +507,26 @@ class Splits:
     n_nonpositive: dict[str, int] = field(default_factory=dict)
 
 
+def check_split(split_cfg: dict) -> tuple[float, float]:
+    """(val, test) shares of data.split, or a ValueError naming the key (the config check runs this too, so
+    a split that leaves no training rows stops the workflow before the data is prepared)."""
+    unknown = sorted(set(split_cfg) - {"val", "test", "seed"})
+    if unknown:
+        raise ValueError(f"data.split: unknown key(s) {unknown}; known: seed, test, val")
+    try:
+        val, test = float(split_cfg.get("val", 0.1)), float(split_cfg.get("test", 0.1))
+        int(split_cfg.get("seed", 0))
+    except (TypeError, ValueError):
+        raise ValueError(f"data.split: val and test must be numbers and seed an integer, got {split_cfg}") from None
+    if val < 0 or test < 0 or val + test >= 1:
+        raise ValueError(f"data.split: val and test must be >= 0 with val + test < 1, got val={val}, test={test}")
+    return val, test
+
+
 def split_indices(n: int, split_cfg: dict) -> dict[str, np.ndarray]:
     """Row indices per split from a permutation seeded by split.seed alone, so every training
     seed sees the same partition."""
-    val, test = float(split_cfg.get("val", 0.1)), float(split_cfg.get("test", 0.1))
-    if val < 0 or test < 0 or val + test >= 1:
-        raise ValueError(f"data.split: val and test must be >= 0 with val + test < 1, got val={val}, test={test}")
+    val, test = check_split(split_cfg)
     order = np.random.default_rng(int(split_cfg.get("seed", 0))).permutation(n)
     # a non-zero share keeps at least one row, as long as train keeps one too
     n_test = max(1, round(test * n)) if test > 0 else 0

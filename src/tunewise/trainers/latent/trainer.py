@@ -77,6 +77,7 @@ class LatentTrainer:
                 raise FileNotFoundError(f"data.path: file not found: {data['path']}")
         if not data["targets"]:
             raise ValueError("data.targets: at least one target column is required")
+        latent_data.check_split({**latent_data.DEFAULT_DATA["split"], **(data.get("split") or {})})
         for key in ("epochs", "batch_size"):
             if int(config["train"][key]) < 1:
                 raise ValueError(f"baseline.train.{key}: must be >= 1, got {config['train'][key]}")

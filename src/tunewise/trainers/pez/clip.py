@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from tunewise.runs import atomic_write_text
 from tunewise.trainers.pez import CHECKPOINT_NAME, TINY_CLIP_NAME
 from tunewise.trainers.pez.shapes import load_split
 
@@ -281,5 +282,7 @@ def train_tiny_clip(data_dir: str | Path, out_dir: str | Path, epochs: int = 6, 
                "final_train_loss": loss_value, "logit_scale": model.logit_scale.exp().item(),
                "train_seconds": round(train_s, 1), "total_seconds": round(time.time() - t0, 1),
                "data_fingerprint": data_meta["fingerprint"]}
-    (out / "clip_metrics.json").write_text(json.dumps(metrics, indent=2))
+    # the tiny CLIP's completion marker (train-clip and the pez trainer look for it): atomic, so a killed job
+    # never leaves half of one that reads as a trained model
+    atomic_write_text(out / "clip_metrics.json", json.dumps(metrics, indent=2))
     return metrics

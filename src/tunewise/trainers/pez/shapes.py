@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tunewise.runs import atomic_write_text
+
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "green": (40, 180, 60),
@@ -147,11 +149,28 @@ def write_split(out_dir: str | Path, cfg: ShapesConfig | None = None) -> dict:
         images, captions, scenes = generate(cfg, split)
         ids = [f"{split}-{i:06d}" for i in range(len(captions))]
         np.save(out / f"{split}_images.npy", images)
-        (out / f"{split}_captions.json").write_text(json.dumps(dict(zip(ids, captions)), indent=0))
-        (out / f"{split}_scenes.json").write_text(json.dumps(dict(zip(ids, scenes))))
+        atomic_write_text(out / f"{split}_captions.json", json.dumps(dict(zip(ids, captions)), indent=0))
+        atomic_write_text(out / f"{split}_scenes.json", json.dumps(dict(zip(ids, scenes))))
     meta = {"generator": "tunewise.pez.shapes", "config": asdict(cfg), "fingerprint": fingerprint(cfg),
             "counts": dict(cfg.counts), "colours": COLOURS, "shapes": list(SHAPES)}
-    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    # last and atomic: a complete meta.json means a complete directory; a job killed mid-write leaves none
+    atomic_write_text(out / "meta.json", json.dumps(meta, indent=2))
+    return meta
+
+
+def read_meta(data_dir: str | Path) -> dict:
+    """meta.json of a shapes directory (a user's data.path, or one write_split filled), or an error naming it."""
+    path = Path(data_dir) / "meta.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} missing: not a complete shapes directory (written by write_split)")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("counts"), dict):
+        raise ValueError(f"{path}: not a shapes meta.json (expected a mapping with `counts` per split)")
     return meta
 
 

@@ -125,6 +125,10 @@ class PezTrainer:
             if not (Path(data["path"]) / "meta.json").is_file():
                 raise FileNotFoundError(f"data.path: {data['path']} has no meta.json (a directory written by "
                                         f"tunewise.trainers.pez.shapes.write_split is expected)")
+            try:
+                shapes.read_meta(data["path"])  # a damaged meta.json stops the workflow here, not in a job
+            except ValueError as e:
+                raise ValueError(f"data.path: {e}") from None
         _generator_config(data)
         if int(data["n_targets"]) < 1:
             raise ValueError(f"data.n_targets: must be >= 1, got {data['n_targets']}")
@@ -162,7 +166,7 @@ class PezTrainer:
     # --- data -----------------------------------------------------------------------------------
     def prepare_data(self, data_cfg: dict, out_dir: Path, threads: int) -> dict:
         if data_cfg["source"] == "path":
-            meta = json.loads((Path(data_cfg["path"]) / "meta.json").read_text())
+            meta = shapes.read_meta(data_cfg["path"])
             return {"source": "path", "path": str(data_cfg["path"]), "counts": meta.get("counts"),
                     "n_rows": sum((meta.get("counts") or {}).values())}
         cfg = _generator_config(data_cfg)

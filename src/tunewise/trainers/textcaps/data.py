@@ -513,12 +513,25 @@ def _note(summary: dict, kind: str, what: str, limit: int = 5) -> None:
         examples.append(what)
 
 
+def read_json(path: Path) -> Any:
+    """A user's JSON file; one that is not UTF-8 or not JSON (an HTML error page saved by a failed download, a
+    file cut short) becomes a ValueError naming the file, the problem and where it is."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); JSON files must be UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
 def _entries_of(doc: Any, path: Path) -> list:
     if isinstance(doc, dict) and isinstance(doc.get("data"), list):
         return doc["data"]
     if isinstance(doc, list):
         return doc
-    raise ValueError(f"{path}: expected a TextCaps file {{'data': [...]}}, got {type(doc).__name__}")
+    keys = f" with keys {', '.join(map(str, list(doc)[:8]))}" if isinstance(doc, dict) else ""
+    raise ValueError(f"{path}: expected a TextCaps file {{'data': [...]}}, got a {type(doc).__name__}{keys}")
 
 
 def _first_class(entry: dict) -> str | None:
@@ -548,7 +561,7 @@ def _group_of(entry: dict) -> str | None:
 def read_ocr(path: Path) -> dict[str, list[str]]:
     """image_id -> OCR tokens from a Rosetta OCR file ({"data": [records]}, a list of records, or a
     mapping keyed by image_id); tokens from `ocr_tokens`, else the words of `ocr_info`."""
-    doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    doc = read_json(path)
     if isinstance(doc, dict) and not isinstance(doc.get("data"), list):
         items = [{"image_id": k, **v} for k, v in doc.items() if isinstance(v, dict)]
     else:
@@ -586,7 +599,7 @@ def _detect_format(root: Path, split: str, cfg: dict) -> str:
 
 
 def _label_counts_json(path: Path) -> dict[str, int]:
-    entries = _entries_of(json.loads(path.read_text(encoding="utf-8")), path)
+    entries = _entries_of(read_json(path), path)
     seen: dict[str, str] = {}
     for e in entries:
         if isinstance(e, dict) and isinstance(e.get("image_id"), str) and e["image_id"] not in seen:
@@ -628,7 +641,9 @@ def top_classes(root: Path, cfg: dict | None = None) -> list[str]:
     else:
         counts = _label_counts_parquet(_parquet_files(root, "train"))
     if not counts:
-        raise ValueError(f"data.path: no image_classes in the train split under {root}")
+        where = root / annotation_name("train") if fmt == "json" else root
+        raise ValueError(f"data.path: {where}: no entry of the train split has both image_id and image_classes "
+                         "(the class label is image_classes[0])")
     ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
     return [name for name, _ in ranked[: int(cfg["num_classes"])]]
 
@@ -637,7 +652,7 @@ def _read_json_split(root: Path, split: str, cfg: dict, summary: dict) -> list[_
     path = root / annotation_name(split)
     if not path.exists():
         raise FileNotFoundError(f"data.path: {path} not found")
-    entries = _entries_of(json.loads(path.read_text(encoding="utf-8")), path)
+    entries = _entries_of(read_json(path), path)
     by_id: dict[str, _Raw] = {}
     for k, e in enumerate(entries):
         summary["n_entries"] += 1
@@ -646,7 +661,12 @@ def _read_json_split(root: Path, split: str, cfg: dict, summary: dict) -> list[_
         image_path = e.get("image_path") if isinstance(e, dict) else None
         well_formed = isinstance(image_id, str) and image_id and isinstance(image_path, str) and image_path
         if not well_formed or name is None:
-            _note(summary, "malformed", f"{path.name}[{k}]")
+            # the example names the missing fields: a file whose every entry lacks one says which in the error
+            lacking = [f for f, ok in (("image_id", isinstance(image_id, str) and image_id),
+                                       ("image_path", isinstance(image_path, str) and image_path),
+                                       ("image_classes", name is not None)) if not ok]
+            _note(summary, "malformed", f"{path.name}[{k}]: " + (f"no {', '.join(lacking)}" if isinstance(e, dict)
+                                                                  else f"a {type(e).__name__}, not an object"))
             continue
         raw = by_id.get(image_id)
         if raw is None:
@@ -790,9 +810,11 @@ def load_split(root: Path, split: str, cfg: dict | None = None) -> Records:
             f"check data.image_root (now {image_root})"
         )
     if not ok:
+        malformed = summary["examples"].get("malformed")
         raise ValueError(
             f"{file}: no usable images in split {split!r} for classes {classes} "
             f"({summary['malformed']} malformed entries, {summary['dropped_class']} images of other classes)"
+            + (f"; malformed entries, e.g. {'; '.join(malformed[:3])}" if malformed else "")
         )
     images = np.empty((len(ok), size, size, 3), dtype=np.uint8)
     for row, i in enumerate(ok):

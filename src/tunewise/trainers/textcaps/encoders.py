@@ -27,6 +27,8 @@ import torch
 import torchvision
 from torch import nn
 
+from tunewise.runs import CheckpointError, load_checkpoint
+
 VISUAL_ENCODERS = ("resnet18", "resnet34", "small_cnn")
 TEXT_ENCODERS = ("mlp_text", "char_cnn_text", "transformer_text")
 MODALITIES = ("visual", "text", "combined")
@@ -104,7 +106,11 @@ def load_trunk_weights(trunk: nn.Module, path: str | Path, arch: str) -> None:
         raise FileNotFoundError(
             f"weights: {str(path)!r} is neither 'none', 'imagenet' nor an existing file (a state dict for {arch})"
         )
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = load_checkpoint(path, map_location="cpu")
+    except CheckpointError as e:
+        # a config error (the weights key names a bad file): check_config reports it before any job runs
+        raise ValueError(f"weights: {e}") from None
     for key in ("state_dict", "model"):
         if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
             state = state[key]
