@@ -394,9 +394,14 @@ def test_initial_input_file_starts_one_restart_per_row(trained, tmp_path):
     descriptors = latent_data.load_splits(work / "data", cfg["data"]).descriptor_columns  # (sigma_p is one here)
     path = tmp_path / "start.csv"
     table.loc[:2, ["pretty_formula", *descriptors]].rename(columns={"pretty_formula": "formula"}).to_csv(path, index=False)
-    design = trainer.design(copy.deepcopy(cfg), run.checkpoints / "best.pt", torch.device("cpu"), tmp_path / "out",
-                            overrides={"init": "input", "initial_input": str(path), "alpha_study": []})
+    own = copy.deepcopy(cfg)
+    own["design"]["plateau"]["factor"] = 0.3
+    design = trainer.design(own, run.checkpoints / "best.pt", torch.device("cpu"), tmp_path / "out",
+                            overrides={"init": "input", "initial_input": str(path), "alpha_study": [],
+                                       "plateau": {"patience": 7}})
     assert design["summary"]["restarts"] == 3
+    # an override of one plateau setting keeps the config's others (`tunewise design --set plateau={patience: 7}`)
+    assert design["settings"]["plateau"] == {"factor": 0.3, "patience": 7, "min_lr": 1.0e-4}
     assert sorted(r["start"]["formula"] for r in design["restarts"]) == sorted(table.loc[:2, "pretty_formula"])
     table.loc[:2, descriptors[:-1]].to_csv(path, index=False)
     with pytest.raises(ValueError, match=f"missing descriptor column\\(s\\) \\['{descriptors[-1]}'\\]"):

@@ -858,7 +858,7 @@ def cmd_design(args) -> None:
     out = Path(args.out_dir)
     try:
         result = trainer.design(config, Path(final["checkpoints"]["best"]), device, out, overrides,
-                                progress=None if args.progress else False)
+                                progress=args.progress)
     except ValueError as e:
         raise CliError(f"design of {exp['name']}: {e}") from None
     result = {"experiment": exp["name"], "final": str(args.final), **result}

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from tunewise.config import deep_merge
 from tunewise.trainers.base import check_data_source
 from tunewise.trainers.latent import data as latent_data
 from tunewise.trainers.latent.design import DEFAULT_DESIGN, check_design_config
@@ -223,7 +224,8 @@ class LatentTrainer:
             UNITS, check_design_config, design_data, design_phase, resolve_design_config, write_design_files,
         )
 
-        cfg = resolve_design_config({**(config.get("design") or {}), **(overrides or {})})
+        # deep: `--set plateau={patience: 5}` changes the patience and keeps the plateau's other settings
+        cfg = resolve_design_config(deep_merge(config.get("design") or {}, overrides or {}))
         check_design_config(cfg, list(config["data"]["targets"]))
         splits = latent_data.load_splits(Path(config["data"]["prepared_dir"]), config["data"])
         model = self._model(config, splits).to(device)
