@@ -90,6 +90,13 @@ class Tracker:
         logging.getLogger("alembic").setLevel(logging.WARNING)
         self.uri = resolve_uri(uri)
         if self.uri.startswith("sqlite:///"):
+            if "'" in str(Path.cwd()):
+                # MLflow (3.17) writes its Default experiment's artifact path, ./mlruns made absolute, into an
+                # SQL statement without parameters: a quote there is an SQL syntax error deep in SQLAlchemy
+                raise TrackingError(
+                    f"MLflow cannot create a SQLite store while the working directory contains a single quote "
+                    f"({Path.cwd()}): run the workflow from a folder without one, or use an MLflow server "
+                    "(tracking.uri: http://...)")
             # the first client creates the schema: under a lock, so parallel jobs never race migrations
             db = Path(self.uri[len("sqlite:///"):])
             with FileLock(str(db) + ".lock", timeout=300):
