@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_workflow_e2e import REPO, _env, snakemake
+from test_workflow_e2e import REPO, _env, ctrl_c_reaches, snakemake
 
 pytestmark = pytest.mark.e2e
 
@@ -132,7 +132,8 @@ def test_killed_during_a_sweep_keeps_finished_trials_and_finishes_the_study(tmp_
     target = f"results/{exp}/optimize/sweep/best.json"
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
            "--workflow-profile", str(REPO / "profiles" / "default"), "--configfile", str(path), "--cores", "1", target]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env(), start_new_session=True,
+                            preexec_fn=ctrl_c_reaches)
     deadline, finished, running = time.time() + 400, [], []
     while time.time() < deadline and not (finished and running):
         time.sleep(0.5)

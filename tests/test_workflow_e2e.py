@@ -41,6 +41,12 @@ def _env(extra=None):
     return env
 
 
+def ctrl_c_reaches(*_) -> None:
+    """preexec_fn for a workflow the test stops with SIGINT: a shell's background job (`cmd &` without job
+    control) starts with SIGINT ignored and passes that on to every child, where Ctrl-C would then do nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     work = tmp_path_factory.mktemp("wf")
@@ -279,7 +285,8 @@ def test_killed_during_baseline_resumes_from_last_checkpoint(tmp_path):
     last = tmp_path / "results" / EXP / "baseline" / "checkpoints" / "last.pt"
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
            "--workflow-profile", str(REPO / "profiles" / "default"), "--configfile", str(path), "--cores", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env(), start_new_session=True,
+                            preexec_fn=ctrl_c_reaches)
     import torch
 
     deadline = time.time() + 300
