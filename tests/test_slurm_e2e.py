@@ -61,8 +61,8 @@ def _config(tmp_path: Path) -> Path:
     config["experiments"]["latent_tiny"]["resources"]["gpu_model"] = "fake"
     config["experiments"][TOY] = {
         "trainer": "toy_trainer:ToyTrainer",
-        # slow enough (1 s an epoch) for the test to requeue the job between two epochs
-        "baseline": {"train": {"epochs": TOY_EPOCHS, "sleep": 1.0}},
+        # slow enough (0.5 s an epoch) for the test to requeue the job between two epochs
+        "baseline": {"train": {"epochs": TOY_EPOCHS, "sleep": 0.5}},
         "resources": {"threads": 1, "mem_mb": 500, "runtime": 5},
     }
     path = tmp_path / "slurm_test.yaml"
