@@ -82,16 +82,22 @@ def test_a_nonfinite_loss_ends_the_run_as_diverged_naming_the_step_and_value(tmp
     assert read_json(run_dir / "run.json") == info
 
 
+def _sweep_after_baseline(tmp_path, monkeypatch, sampler: str, n_trials: int, space: dict):
+    """A toy sweep experiment (from the baseline config, no pruner) whose baseline has trained: (CLI arguments,
+    tracking URI, the sweep folder)."""
+    common, results, uri = _setup(tmp_path, monkeypatch, {
+        "baseline": {"train": {"epochs": 4}},
+        "optimize": {"strategy": "sweep", "sweep": {"n_trials": n_trials, "sampler": sampler, "pruner": "none",
+                                                    "base": "baseline", "space": space}}})
+    assert main(["train", *common, "--run-dir", str(results / "baseline"), "--threads", "1"]) == 0
+    return common, uri, results / "optimize" / "sweep"
+
+
 def test_a_sweep_goes_on_past_diverged_trials_and_picks_a_finite_one(tmp_path, monkeypatch):
     # a grid over the epoch the loss turns NaN (never, 2, 3): every slot gets another point, so two of the
     # three trials diverge whatever order the slots run in; the last tell also covers the whole grid
     space = {"train.nan_at_epoch": {"type": "categorical", "choices": [None, 2, 3]}}
-    common, results, uri = _setup(tmp_path, monkeypatch, {
-        "baseline": {"train": {"epochs": 4}},
-        "optimize": {"strategy": "sweep", "sweep": {"n_trials": 3, "sampler": "grid", "pruner": "none",
-                                                    "base": "baseline", "space": space}}})
-    assert main(["train", *common, "--run-dir", str(results / "baseline"), "--threads", "1"]) == 0
-    sweep_dir = results / "optimize" / "sweep"
+    common, uri, sweep_dir = _sweep_after_baseline(tmp_path, monkeypatch, "grid", 3, space)
     for slot in range(3):
         out = sweep_dir / "trials" / f"trial{slot}" / "trial.json"
         assert main(["sweep-trial", *common, "--slot", str(slot), "--out", str(out), "--threads", "1"]) == 0, slot
@@ -124,12 +130,7 @@ def test_an_interrupted_sweep_trial_trains_its_point_again_and_its_mlflow_run_is
 
     # a continuous space and a random sampler: a fresh sample would not be the interrupted trial's point
     space = {"optim.lr": {"type": "float", "low": 0.001, "high": 0.1, "log": True}}
-    common, results, uri = _setup(tmp_path, monkeypatch, {
-        "baseline": {"train": {"epochs": 4}},
-        "optimize": {"strategy": "sweep", "sweep": {"n_trials": 1, "sampler": "random", "pruner": "none",
-                                                    "base": "baseline", "space": space}}})
-    assert main(["train", *common, "--run-dir", str(results / "baseline"), "--threads", "1"]) == 0
-    sweep_dir = results / "optimize" / "sweep"
+    common, uri, sweep_dir = _sweep_after_baseline(tmp_path, monkeypatch, "random", 1, space)
     trial = ["sweep-trial", *common, "--slot", "0", "--out", str(sweep_dir / "trials" / "trial0" / "trial.json")]
 
     def interrupt(self, step, row):  # Ctrl-C as epoch 1 is reported, after its checkpoint was written

@@ -67,6 +67,18 @@ def read_json(path: Path) -> Any:
         return json.load(f)
 
 
+def read_user_json(path: Path) -> Any:
+    """A user's JSON file; one that is not UTF-8 or not JSON (an HTML error page saved by a failed download, a
+    file cut short) becomes a ValueError naming the file, the problem and where it is."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); JSON files must be UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
 def git_sha() -> str:
     try:
         out = subprocess.run(

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tunewise.runs import atomic_write_text
+from tunewise.runs import atomic_write_text, read_user_json
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -163,12 +163,7 @@ def read_meta(data_dir: str | Path) -> dict:
     path = Path(data_dir) / "meta.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} missing: not a complete shapes directory (written by write_split)")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    meta = read_user_json(path)
     if not isinstance(meta, dict) or not isinstance(meta.get("counts"), dict):
         raise ValueError(f"{path}: not a shapes meta.json (expected a mapping with `counts` per split)")
     return meta

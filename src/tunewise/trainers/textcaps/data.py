@@ -65,7 +65,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import Dataset, Sampler
 
-from tunewise.runs import atomic_write_text, write_json
+from tunewise.runs import atomic_write_text, read_user_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -513,18 +513,6 @@ def _note(summary: dict, kind: str, what: str, limit: int = 5) -> None:
         examples.append(what)
 
 
-def read_json(path: Path) -> Any:
-    """A user's JSON file; one that is not UTF-8 or not JSON (an HTML error page saved by a failed download, a
-    file cut short) becomes a ValueError naming the file, the problem and where it is."""
-    path = Path(path)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); JSON files must be UTF-8") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-
-
 def _entries_of(doc: Any, path: Path) -> list:
     if isinstance(doc, dict) and isinstance(doc.get("data"), list):
         return doc["data"]
@@ -561,7 +549,7 @@ def _group_of(entry: dict) -> str | None:
 def read_ocr(path: Path) -> dict[str, list[str]]:
     """image_id -> OCR tokens from a Rosetta OCR file ({"data": [records]}, a list of records, or a
     mapping keyed by image_id); tokens from `ocr_tokens`, else the words of `ocr_info`."""
-    doc = read_json(path)
+    doc = read_user_json(path)
     if isinstance(doc, dict) and not isinstance(doc.get("data"), list):
         items = [{"image_id": k, **v} for k, v in doc.items() if isinstance(v, dict)]
     else:
@@ -599,7 +587,7 @@ def _detect_format(root: Path, split: str, cfg: dict) -> str:
 
 
 def _label_counts_json(path: Path) -> dict[str, int]:
-    entries = _entries_of(read_json(path), path)
+    entries = _entries_of(read_user_json(path), path)
     seen: dict[str, str] = {}
     for e in entries:
         if isinstance(e, dict) and isinstance(e.get("image_id"), str) and e["image_id"] not in seen:
@@ -652,7 +640,7 @@ def _read_json_split(root: Path, split: str, cfg: dict, summary: dict) -> list[_
     path = root / annotation_name(split)
     if not path.exists():
         raise FileNotFoundError(f"data.path: {path} not found")
-    entries = _entries_of(read_json(path), path)
+    entries = _entries_of(read_user_json(path), path)
     by_id: dict[str, _Raw] = {}
     for k, e in enumerate(entries):
         summary["n_entries"] += 1
