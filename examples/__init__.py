@@ -1,0 +1,1 @@
+"""Examples of using tunewise from outside the package (see README, "Bring your own trainer")."""
