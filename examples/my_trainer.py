@@ -40,8 +40,7 @@ class MyTrainer:
     # semantic knob -> dotted config key: the diagnosis' recommendations turn into config patches through these
     knobs = {"lr": "optim.lr", "weight_decay": "optim.weight_decay", "dropout": "model.dropout",
              "epochs": "train.epochs", "batch_size": "train.batch_size", "capacity": ["model.hidden"],
-             "scheduler": "schedule.name", "warmup": "schedule.warmup_epochs", "grad_clip": "train.grad_clip",
-             "patience": "train.patience"}
+             "warmup": "schedule.warmup_epochs", "grad_clip": "train.grad_clip", "patience": "train.patience"}
     open_config_keys = {"optim.param_groups"}
 
     def default_config(self) -> dict:
