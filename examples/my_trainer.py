@@ -8,6 +8,7 @@ the model, the loss and the metrics.
 from __future__ import annotations
 
 import copy
+import csv
 import hashlib
 import json
 from pathlib import Path
@@ -49,8 +50,13 @@ class MyTrainer:
     def check_config(self, config: dict) -> None:
         data = config["data"]
         check_data_source(data)
-        if data["source"] == "path" and not Path(data["path"]).is_file():
+        source = SHIPPED_CSV if data["source"] == "embedded" else Path(data["path"])
+        if not source.is_file():
             raise FileNotFoundError(f"data.path: file not found: {data['path']}")
+        with open(source, encoding="utf-8") as f:  # the header only: a wrong target stops the run before any job
+            columns = next(csv.reader(f), [])
+        if data["target"] not in columns:
+            raise ValueError(f"data.target: no column {data['target']!r} in {source} (columns: {', '.join(columns)})")
         if not 0 < data["val_frac"] + data["test_frac"] < 1:
             raise ValueError("data.val_frac + data.test_frac: must be between 0 and 1")
         for key in ("epochs", "batch_size"):
