@@ -304,7 +304,7 @@ class TrialReporter:
 
 
 def trial_record(t, run_dir: Path) -> dict:
-    from tunewise.runs import RunDir
+    from tunewise.runs import RunDir, finite_float
 
     metrics = RunDir(run_dir).metrics()
     value = t.value if t.state == TrialState.COMPLETE else (metrics.get("primary") or {}).get("best")
@@ -314,7 +314,7 @@ def trial_record(t, run_dir: Path) -> dict:
         "slot": t.user_attrs.get("slot"),
         "number": t.number,
         "state": t.state.name,
-        "value": None if value is None or not math.isfinite(value) else float(value),
+        "value": finite_float(value),  # metrics.json writes an infinity as a string
         "params": dict(t.params),
         "run_dir": str(run_dir),
         "best_step": metrics.get("best_step"),

@@ -175,17 +175,17 @@ def _stopped(attempt: Attempt, trainer, status: str, reason: str) -> dict:
     from tunewise.trainers import budget
 
     run, metric = attempt.run, attempt.exp["metric"]
-    history = run.history() if run.history_path.exists() else None
+    history = run.history()  # empty when the run stopped before its first epoch
     metrics = {
         "primary": {"name": metric["name"], "direction": metric["direction"], "best": None, "final": None},
         "best_step": 0,
-        "epochs_run": 0 if history is None else int(len(history)),
+        "epochs_run": int(len(history)),
         "epochs_planned": budget(trainer, attempt.config),
         "stopped_early": True,
         "device": str(attempt.device),
     }
     name = metric["name"]
-    if history is not None and name in history and history[name].notna().any():
+    if name in history and history[name].notna().any():
         values = history[name]
         at = values.idxmax() if metric["direction"] == "max" else values.idxmin()
         metrics["primary"]["best"] = float(values[at])
@@ -302,8 +302,8 @@ def adopt_run(source, run, tracker, run_id: str) -> dict:
     metrics = {**source.require_finished(), "reused_from": str(source.path)}
     metrics.pop("status", None)
     run.update_info(reused_from=str(source.path))
-    history = run.history() if run.history_path.exists() else None
-    if history is not None:  # what an adoption killed half-way already logged is not logged twice
+    history = run.history()
+    if len(history):  # what an adoption killed half-way already logged is not logged twice
         tracker.log_rows(run_id, history.to_dict("records"), tracker.logged_steps(run_id))
     tracker.set_tags(run_id, {"reused_from": str(source.path)})
     run.finish(metrics)
