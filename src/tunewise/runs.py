@@ -1,10 +1,13 @@
 """The run-directory contract.
 
     config.yaml    resolved trainer config
-    history.csv    one row per epoch
-    metrics.json   final/best metrics (written last: its presence means the run ended)
+    history.csv    one row per epoch (read_history, RunDir.write_history)
+    metrics.json   final/best metrics (written last: its presence means the run ended; RunDir.finish/metrics)
     run.json       status running|done|diverged|failed|pruned, reason, seed, git sha, host, mlflow run id
     checkpoints/   best.pt, last.pt
+
+This module is the one reader and writer of these files. JSON cannot hold infinities: write_json writes them
+as the strings "inf"/"-inf" (NaN as null), and finite_float reads any number back, None when not finite.
 
 Every file is replaced atomically (temporary file + os.replace), so a killed job leaves either
 the old file or the new one, never half of one, and never a run that looks finished.
@@ -65,6 +68,35 @@ def write_json(path: Path, data: Any) -> None:
 def read_json(path: Path) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def finite_float(value: Any) -> float | None:
+    """A finite float from a value read back from JSON, else None: numbers (numpy scalars too) and numeric
+    strings count, while None, booleans, words and the "inf"/"-inf" strings write_json leaves for infinities
+    (NaN is written as null) do not."""
+    if value is None or isinstance(value, bool):
+        return None
+    if hasattr(value, "item"):  # numpy scalars
+        value = value.item()
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def read_history(run_dir: str | os.PathLike):
+    """history.csv of a run directory as a DataFrame; an empty one when the run wrote none (or only an empty
+    file): a run that stopped before its first epoch has no curves, which is a finding, not an error."""
+    import pandas as pd
+
+    path = Path(run_dir) / "history.csv"
+    if not path.exists():
+        return pd.DataFrame()
+    try:
+        return pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame()
 
 
 def read_user_json(path: Path) -> Any:
@@ -226,9 +258,12 @@ class RunDir:
             raise CheckpointError(f"{e}; delete it to train this run from scratch") from e
 
     def history(self):
-        import pandas as pd
+        """history.csv (an empty frame when there is none: read_history)."""
+        return read_history(self.path)
 
-        return pd.read_csv(self.history_path)
+    def metrics(self) -> dict:
+        """metrics.json as written, {} while the run has none (unfinished runs: use require_finished)."""
+        return read_json(self.metrics_path) if self.metrics_path.exists() else {}
 
     def config(self) -> dict:
         with open(self.config_path, encoding="utf-8") as f:

@@ -80,12 +80,9 @@ _BOUNDED_METRIC = re.compile(r"(^|[_\-/])(r2|acc|accuracy|sim|similarity)([_\-]|
 
 def load_run(run_dir: str | Path) -> tuple[pd.DataFrame, dict]:
     """`history.csv` (an empty frame when the run wrote none) and `metrics.json` of a run directory."""
-    run_dir = Path(run_dir)
-    history_path = run_dir / "history.csv"
-    history = pd.read_csv(history_path) if history_path.exists() else pd.DataFrame()
-    with open(run_dir / "metrics.json", encoding="utf-8") as f:
-        metrics = json.load(f)
-    return history, metrics
+    from tunewise.runs import RunDir, read_history, read_json
+
+    return read_history(run_dir), read_json(RunDir(run_dir).metrics_path)
 
 
 # --- small numeric pieces ---------------------------------------------------------------------------------
@@ -514,3 +511,85 @@ def choose_strategy(requested: str, findings: list[dict], baseline_value: float 
         return pick("sweep", f"several root causes: {', '.join(causes)} ({ids})")
     return pick("targeted", f"several root causes: {', '.join(causes)} ({ids}); a sweep would be preferred but is "
                             f"not available, so the ranked recommendations are applied together")
+
+
+# --- the phase: a run's diagnosis, its recommendations and the patched config ---------------------------------
+
+
+def plan(exp: dict, run_dir: str | Path) -> dict:
+    """Diagnose -> recommend -> patch for the run in `run_dir` (the baseline, or an iterative round's run):
+    {findings, recommendations, patch, changes, config, metrics}. The experiment's `optimize.overrides` are
+    forced into the patch (after the recommendations) wherever they change the value the config would have, so
+    the Phase 3 diagnosis and every iterative round apply them alike."""
+    from tunewise.config import get_dotted
+    from tunewise.phases.recommend import recommend, to_patch
+    from tunewise.runs import RunDir
+    from tunewise.trainers import get_trainer
+
+    trainer = get_trainer(exp["trainer"])
+    metric = exp["metric"]
+    history, metrics = load_run(run_dir)
+    findings = diagnose(history, metrics, metric["name"], metric["direction"], thresholds_for(trainer, exp))
+    config = RunDir(run_dir).config()
+    recs = recommend(findings, config, trainer.knobs)
+    patch, changes = to_patch(recs, config, trainer.knobs, top_n=exp["optimize"]["max_recommendations"])
+    for key, value in (exp["optimize"].get("overrides") or {}).items():
+        old = get_dotted(config, key)
+        if key not in patch and old == value:
+            continue  # the config already has it: an override that changes nothing is no recommendation
+        changes.append({"knob": key, "key": key, "old": old, "new": value, "action": "set",
+                        "rationale": "user override (optimize.overrides)", "expected_impact": "unknown",
+                        "risk": "unknown", "effort": "low"})
+        patch[key] = value
+    return {"findings": findings, "recommendations": recs, "patch": patch, "changes": changes, "config": config,
+            "metrics": metrics}
+
+
+def _strategy(exp: dict, findings: list[dict], best: float | None, patch: dict) -> dict:
+    strategy = choose_strategy(
+        exp["optimize"]["strategy"], findings, best, exp["finalize"]["target"], exp["metric"]["direction"],
+        available={"targeted", "sweep", "iterative", "none"}, iterative_gap=exp["optimize"]["iterative"]["choose_gap"],
+    )
+    if exp["optimize"]["strategy"] == "auto" and strategy["chosen"] != "none" and not patch:
+        strategy = {**strategy, "chosen": "none", "reason": strategy["reason"] + "; but no recommendation maps to a knob of this trainer, so nothing to change"}
+    return strategy
+
+
+def diagnose_run(exp: dict, run_dir: str | Path, out_dir: str | Path, *, report=None, rule: str | None = None) -> dict:
+    """Phase 3 of a finished run: diagnosis.json and optimization_config.yaml in `out_dir`, the reports that
+    `report(diagnosis_json, run_dir)` writes (it returns their paths), one MLflow `diagnose` run. Returns the
+    diagnosis."""
+    from tunewise.phases import tracked
+    from tunewise.phases.recommend import apply_patch
+    from tunewise.reports.render import commented_config
+    from tunewise.runs import RunDir, atomic_write_text, write_json
+
+    run = RunDir(run_dir)
+    run.require_finished()
+    p = plan(exp, run.path)
+    findings, patch, metrics = p["findings"], p["patch"], p["metrics"]
+    best = metrics["primary"]["best"]
+    strategy = _strategy(exp, findings, best, patch)
+    out = Path(out_dir)
+    atomic_write_text(out / "optimization_config.yaml", commented_config(apply_patch(p["config"], patch), p["changes"]))
+    diagnosis = {
+        "experiment": exp["name"], "trainer": exp["trainer"], "metric": exp["metric"],
+        "baseline": {"run_dir": str(run.path), "status": metrics.get("status"), "best": best,
+                     "final": metrics["primary"].get("final"), "best_step": metrics.get("best_step"),
+                     "epochs_run": metrics.get("epochs_run")},
+        "findings": findings, "recommendations": p["recommendations"], "changes": p["changes"], "patch": patch,
+        "strategy": strategy,
+    }
+    write_json(out / "diagnosis.json", diagnosis)
+    reports = report(out / "diagnosis.json", run.path) if report else []
+
+    tracker = tracked.tracker(exp)
+    run_id = tracked.job_run(tracker, "diagnose", tracked.base_tags(exp, "diagnose", rule, p["config"]),
+                             out / "mlflow_run.json")
+    tracker.log_params(run_id, {"strategy": strategy["chosen"], "n_findings": len(findings), "patch": json.dumps(patch)})
+    tracker.log_metrics(run_id, {"n_findings": len(findings), "n_recommendations": len(p["recommendations"])})
+    tracked.log_files(tracker, run_id, [out / "diagnosis.json", out / "optimization_config.yaml", *reports])
+    tracker.end_run(run_id)
+    causes = sorted({f["root_cause"] for f in findings})
+    print(f"diagnosis: {len(findings)} findings ({', '.join(causes) or 'none'}); strategy {strategy['chosen']}: {strategy['reason']}")
+    return diagnosis

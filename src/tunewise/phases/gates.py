@@ -31,8 +31,8 @@ def diagnostics_checks(exp_dir: Path, reports_dir: Path) -> list[dict]:
     baseline = RunDir(exp_dir / "baseline")
     checks = []
     finished = baseline.is_finished()
-    rows = len(baseline.history()) if finished and baseline.history_path.exists() else 0
-    metrics = read_json(baseline.metrics_path) if finished else {}
+    rows = len(baseline.history()) if finished else 0
+    metrics = baseline.metrics() if finished else {}
     checks.append(_check(
         "Baseline training finished with a complete history",
         finished and rows == metrics.get("epochs_run", -1),
@@ -155,3 +155,52 @@ def optimization_checks(exp_dir: Path, reports_dir: Path, optimize_run: Path | N
 def passed(checks: list[dict]) -> tuple[bool, list[str]]:
     missing = [c["label"] for c in checks if c["required"] and c["ok"] is False]
     return not missing, missing
+
+
+# --- the phase, as `tunewise gate` runs it ------------------------------------------------------------------
+
+
+def optimize_run_dir(exp_dir: Path, diag: dict, given: str | Path | None = None) -> Path | None:
+    """The run directory the chosen strategy stands on: `given` (--optimize-run), the targeted run, or the run
+    behind a sweep's or iterative chain's best.json (None when optimization was skipped)."""
+    if given:
+        return Path(given)
+    chosen = diag["strategy"]["chosen"]
+    if chosen == "none":
+        return None
+    out = Path(exp_dir) / "optimize" / chosen
+    best = out / "best.json"
+    return Path(read_json(best)["run_dir"]) if best.exists() else out
+
+
+TITLES = {"diagnostics": "Phase 3 diagnostics complete", "optimization_complete": "Phase 4 optimization complete"}
+
+
+def gate(exp: dict, exp_dir: Path, name: str, out: Path, reports_dir: Path, *, write_checklist=None,
+         optimize_run: str | Path | None = None) -> dict:
+    """The checklist `name`: rendered by `write_checklist(name, title, checks, reports_dir)`, written to `out`
+    (gate.json) unless a required box is unticked and gates.enforce is on (then a CliError naming them)."""
+    from tunewise.phases import CliError
+    from tunewise.runs import write_json
+
+    exp_dir, reports_dir, out = Path(exp_dir), Path(reports_dir), Path(out)
+    if name == "diagnostics":
+        checks = diagnostics_checks(exp_dir, reports_dir)
+    elif name == "optimization_complete":
+        opt = optimize_run_dir(exp_dir, read_json(exp_dir / "diagnosis" / "diagnosis.json"), optimize_run)
+        checks = optimization_checks(exp_dir, reports_dir, opt)
+    else:
+        raise CliError(f"unknown gate {name!r}")
+    if write_checklist is not None:
+        write_checklist(name, TITLES[name], checks, reports_dir)
+    ok, missing = passed(checks)
+    if not ok and exp["gates"]["enforce"]:
+        out.unlink(missing_ok=True)
+        raise CliError(
+            f"gate {name} of {exp['name']} failed: required box(es) unticked: "
+            + "; ".join(missing) + f" (see {reports_dir / 'checklists' / (name + '.md')}; gates.enforce: false to proceed anyway)"
+        )
+    result = {"gate": name, "passed": ok, "enforced": exp["gates"]["enforce"], "checks": checks}
+    write_json(out, result)
+    print(f"gate {name}: {'passed' if ok else 'NOT passed (not enforced)'}")
+    return result

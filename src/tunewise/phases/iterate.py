@@ -14,13 +14,12 @@ Files under `results/<exp>/optimize/iterative/`:
 """
 from __future__ import annotations
 
-import math
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 from tunewise.phases.decision import LABELS, meets_target
-from tunewise.runs import RunDir, atomic_write_text, read_json, write_json
+from tunewise.runs import RunDir, atomic_write_text, finite_float, read_json, write_json
 
 # train_fn(config_path, run_dir) trains one run directory (the CLI passes `tunewise train`'s logic)
 TrainFn = Callable[[Path, Path], None]
@@ -44,16 +43,6 @@ def round_path(exp_dir: Path, k: int) -> Path:
 
 
 # --- numbers ----------------------------------------------------------------------------------------------
-
-
-def _finite(value) -> float | None:
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
 
 
 def gain(value: float | None, reference: float | None, direction: str) -> tuple[float | None, float | None]:
@@ -158,19 +147,12 @@ def decide_round(record: dict, prior: list[dict], direction: str, target: float 
 
 
 def plan(exp: dict, run_dir: Path) -> tuple[list[dict], dict, list[dict]]:
-    """(findings, patch, changes) for the config of `run_dir`, from its history.csv + metrics.json."""
-    from tunewise.phases.diagnose import diagnose, load_run, thresholds_for
-    from tunewise.phases.recommend import recommend, to_patch
-    from tunewise.trainers import get_trainer
+    """(findings, patch, changes) for the config of `run_dir`: the Phase 3 diagnosis' own plan, so a round
+    applies `optimize.overrides` as the diagnosis does."""
+    from tunewise.phases import diagnose
 
-    trainer = get_trainer(exp["trainer"])
-    metric = exp["metric"]
-    history, metrics = load_run(run_dir)
-    findings = diagnose(history, metrics, metric["name"], metric["direction"], thresholds_for(trainer, exp))
-    config = RunDir(run_dir).config()
-    recs = recommend(findings, config, trainer.knobs)
-    patch, changes = to_patch(recs, config, trainer.knobs, top_n=exp["optimize"]["max_recommendations"])
-    return findings, patch, changes
+    p = diagnose.plan(exp, run_dir)
+    return p["findings"], p["patch"], p["changes"]
 
 
 def _finding_ids(findings: list[dict]) -> list[dict]:
@@ -190,7 +172,7 @@ def baseline_record(exp: dict, exp_dir: Path) -> dict:
     metrics = RunDir(run_dir).require_finished()
     return {"round": 0, "status": "trained", "run_status": metrics.get("status"), "run_reason": metrics.get("reason"),
             "config": str(run_dir / "config.yaml"), "run_dir": str(run_dir),
-            "value": _finite((metrics.get("primary") or {}).get("best")), "gain": None, "gain_rel": None}
+            "value": finite_float((metrics.get("primary") or {}).get("best")), "gain": None, "gain_rel": None}
 
 
 def read_rounds(exp_dir: Path, upto: int) -> list[dict]:
@@ -305,7 +287,7 @@ def run_round(exp: dict, exp_dir: Path, k: int, train_fn: TrainFn) -> dict:
     _prepare_run_dir(run_dir, config)
     train_fn(config_path, run_dir)
     metrics = RunDir(run_dir).require_finished()
-    value = _finite((metrics.get("primary") or {}).get("best"))
+    value = finite_float((metrics.get("primary") or {}).get("best"))
     previous_best = best_before["value"] if best_before else None
     g, rel = gain(value, previous_best, direction)
     record = {
@@ -365,3 +347,67 @@ def write_summary(exp: dict, exp_dir: Path) -> dict:
     write_json(out / "iterative.json", summary)
     write_json(out / "best.json", best_json)  # last: its presence means the strategy finished
     return best_json
+
+
+# --- the phase, as `tunewise iterate` runs it --------------------------------------------------------------
+
+
+def _check_out(out: str | Path | None, expected: Path, what: str) -> None:
+    from tunewise.phases import CliError
+
+    if out and Path(out).resolve() != expected.resolve():
+        raise CliError(f"--out {out}: {what} {expected}")
+
+
+def iterate_round(exp: dict, exp_dir: Path, k: int, *, out: str | Path | None = None, threads: int | None = None,
+                  rule: str | None = None) -> dict:
+    """Round `k` with the training phase (MLflow, resume from last.pt, a diverged run recorded as such), its
+    decision tagged on the round's MLflow run. Returns the round's record."""
+    from tunewise.phases import CliError, tracked
+    from tunewise.phases.train import train_run
+
+    expected = round_path(exp_dir, k)
+    _check_out(out, expected, f"round {k} writes")
+
+    def train(config_path: Path, run_dir: Path) -> None:
+        from tunewise.config import load_yaml
+
+        train_run(exp, exp_dir, run_dir, load_yaml(config_path), phase="optimize", side="optimized", rule=rule,
+                  run_name=f"optimize-iterative-round{k}", threads=threads, parent="iterative",
+                  tags={"iterative.round": k})
+
+    try:
+        record = run_round(exp, exp_dir, k, train)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    decision = record["decision"]
+    run_id = RunDir(record["run_dir"]).info().get("mlflow_run_id") if record["status"] == "trained" else None
+    if run_id:
+        tracker = tracked.tracker(exp)
+        tracker.set_tags(run_id, {"iterative.decision": decision["option"], "iterative.continue": decision["continue"]})
+        tracker.log_metrics(run_id, {"iterative/gain": record["gain"], "iterative/gain_rel": record["gain_rel"]})
+        tracker.log_artifact(run_id, expected)
+    print(f"iterative round {k} of {exp['name']}: {record['status']}, value {record['value']}; "
+          f"option {decision['option']} ({'continue' if decision['continue'] else 'stop'}): {decision['reason']}")
+    return record
+
+
+def finish_chain(exp: dict, exp_dir: Path, *, out: str | Path | None = None, rule: str | None = None) -> dict:
+    """best.yaml, best.json, iterative.json after the last round (write_summary), logged to the experiment's
+    `iterative` parent run. Returns best.json."""
+    from tunewise.phases import tracked
+
+    expected = iterative_dir(exp_dir) / "best.json"
+    _check_out(out, expected, "the summary is written to")
+    best = write_summary(exp, exp_dir)
+    tracker = tracked.tracker(exp)
+    parent = tracked.parent_run(tracker, exp, exp_dir, "iterative")
+    tracker.log_metrics(parent, {"best_value": best["value"], "best_round": best["round"],
+                                 "rounds_trained": best["rounds_trained"]})
+    tracker.set_tags(parent, {"decision": best["decision"]["option"], "rule": rule or ""})
+    for name in ("best.yaml", "iterative.json", "best.json"):
+        tracker.log_artifact(parent, iterative_dir(exp_dir) / name)
+    tracker.end_run(parent)
+    where = "the baseline (no round beat it)" if best["round"] == 0 else f"round {best['round']}"
+    print(f"iterative {exp['name']}: best {exp['metric']['name']} {best['value']} from {where} -> {expected}")
+    return best

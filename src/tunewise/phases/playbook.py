@@ -16,6 +16,8 @@ import statistics
 from collections.abc import Mapping
 from typing import Any
 
+from tunewise.runs import finite_float
+
 DEFAULT_THRESHOLDS: dict = {
     # best value within this share of a parameter's range from either end (log space for log parameters)
     "boundary_frac": 0.1,
@@ -50,11 +52,6 @@ def _float(value: Any) -> float | None:
         return None
 
 
-def _finite(value: Any) -> float | None:
-    number = _float(value)
-    return number if number is not None and math.isfinite(number) else None
-
-
 def _num(value: Any) -> str:
     """A parameter value as a summary shows it: 4 significant digits, words as they are."""
     number = _float(value)
@@ -72,7 +69,7 @@ def _direction(sweep: Mapping) -> str:
 
 def _complete_values(sweep: Mapping) -> list[float]:
     return [v for t in sweep.get("trials") or [] if t.get("state") == "COMPLETE"
-            for v in [_finite(t.get("value"))] if v is not None]
+            for v in [finite_float(t.get("value"))] if v is not None]
 
 
 def best_trial(sweep: Mapping) -> dict | None:
@@ -84,11 +81,11 @@ def best_trial(sweep: Mapping) -> dict | None:
             for trial in trials:
                 if trial.get(key) == best[key]:
                     return trial
-    complete = [t for t in trials if t.get("state") == "COMPLETE" and _finite(t.get("value")) is not None]
+    complete = [t for t in trials if t.get("state") == "COMPLETE" and finite_float(t.get("value")) is not None]
     if not complete:
         return None
     sign = 1 if _direction(sweep) == "max" else -1
-    return max(complete, key=lambda t: sign * _finite(t["value"]))
+    return max(complete, key=lambda t: sign * finite_float(t["value"]))
 
 
 def is_diverged(trial: Mapping) -> bool:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 from scipy import stats
@@ -188,3 +189,82 @@ def _reason(r: dict) -> str:
         "no_significant_change": f"not significant at alpha {r['alpha']} in either direction",
     }[r["verdict"]]
     return f"{head}; {r['verdict']}: {tail}."
+
+
+# --- the phase, as `tunewise significance` runs it ----------------------------------------------------------
+
+
+def primary_values(run_dirs: list[str]) -> list[float]:
+    """The best value of the primary metric of each finished seed run; a seed run that did not end `done`
+    stops the phase (a failed seed cannot be dropped silently)."""
+    from tunewise.phases import CliError
+    from tunewise.runs import RunDir
+
+    values = []
+    for d in run_dirs:
+        m = RunDir(d).require_finished()
+        if m["status"] != "done" or m["primary"]["best"] is None:
+            raise CliError(f"seed run {d} ended as {m['status']} ({m.get('reason')}); a failed seed cannot be dropped silently")
+        values.append(float(m["primary"]["best"]))
+    return values
+
+
+def _compare_sides(exp: dict, diag: dict, base_runs: list[str], opt_runs: list[str]) -> dict:
+    metric, sig_cfg = exp["metric"], exp["significance"]
+    base_vals = primary_values(base_runs)
+    if opt_runs:
+        sig = compare(base_vals, primary_values(opt_runs), metric["direction"], sig_cfg["alpha"],
+                      sig_cfg["min_improvement"], sig_cfg["improvement"], n_boot=sig_cfg["n_boot"], seed=0)
+        sig["baseline"]["runs"], sig["optimized"]["runs"] = base_runs, opt_runs
+    else:
+        sig = {"skipped": True, "reason": diag["strategy"]["reason"],
+               "baseline": {**summarise(base_vals), "values": base_vals, "runs": base_runs}}
+    sig.update({"metric": metric, "seeds": sig_cfg["seeds"], "mode": sig_cfg["improvement"],
+                "alpha": sig_cfg["alpha"], "min_improvement": sig_cfg["min_improvement"]})
+    return sig
+
+
+def _log(exp: dict, exp_dir: Path, sig: dict, decision: dict, files: list, rule: str | None) -> None:
+    from tunewise.phases import tracked
+
+    tracker = tracked.tracker(exp)
+    parent = tracked.parent_run(tracker, exp, exp_dir, "significance")
+    numbers = {k: sig[k] for k in ("diff", "improvement", "improvement_rel", "p_one_sided", "p_two_sided", "hedges_g") if k in sig}
+    if "ci" in sig:
+        numbers |= {"ci_low": sig["ci"]["low"], "ci_high": sig["ci"]["high"]}
+    numbers |= {"baseline_mean": sig["baseline"]["mean"], "baseline_std": sig["baseline"]["std"]}
+    if "optimized" in sig:
+        numbers |= {"optimized_mean": sig["optimized"]["mean"], "optimized_std": sig["optimized"]["std"]}
+    tracker.log_metrics(parent, {k: v for k, v in numbers.items() if v is not None})
+    tracker.set_tags(parent, {"verdict": sig.get("verdict", "skipped"), "decision": decision["option"], "rule": rule or ""})
+    tracked.log_files(tracker, parent, files)
+    tracker.end_run(parent)
+
+
+def judge(exp: dict, exp_dir: Path, diagnosis_path: Path, baseline_runs: list[str], optimized_runs: list[str],
+          out_dir: Path, *, optimize_run: str | Path | None = None, report: Callable | None = None,
+          rule: str | None = None) -> tuple[dict, dict]:
+    """The multi-seed comparison and the decision point: significance.json and decision.json in `out_dir`,
+    `report(significance_json, decision_json, baseline_run_dir, optimize_run_dir, extra)` writing the optimization results
+    (it returns their paths), all logged to the experiment's `significance` parent run. Empty run names (an
+    empty list as Snakemake quotes it) are dropped. Returns (significance, decision)."""
+    from tunewise.phases.decision import decide
+    from tunewise.phases.gates import optimize_run_dir
+    from tunewise.runs import read_json, write_json
+
+    diag = read_json(diagnosis_path)
+    sig = _compare_sides(exp, diag, [d for d in baseline_runs if d], [d for d in optimized_runs if d])
+    decision = decide(None if sig.get("skipped") else sig, sig["baseline"]["mean"], exp["metric"]["direction"],
+                      exp["finalize"]["target"], diag["strategy"]["chosen"], iterations_left=0)
+    decision["target"] = exp["finalize"]["target"]
+    out = Path(out_dir)
+    write_json(out / "significance.json", sig)
+    write_json(out / "decision.json", decision)
+    strategy_dir = Path(exp_dir) / "optimize" / diag["strategy"]["chosen"]
+    extra = {f"{name}_json": strategy_dir / f"{name}.json" for name in ("sweep", "iterative")
+             if (strategy_dir / f"{name}.json").exists()}
+    reports = report(out / "significance.json", out / "decision.json", Path(diag["baseline"]["run_dir"]),
+                     optimize_run_dir(exp_dir, diag, optimize_run), extra) if report else []
+    _log(exp, exp_dir, sig, decision, [out / "significance.json", out / "decision.json", *reports], rule)
+    print(f"significance: {sig.get('verdict', 'skipped')}; decision {decision['option']} ({decision['label']})")
+    return sig, decision

@@ -304,12 +304,9 @@ class TrialReporter:
 
 
 def trial_record(t, run_dir: Path) -> dict:
-    from tunewise.runs import RunDir
+    from tunewise.runs import RunDir, finite_float
 
-    run = RunDir(run_dir)
-    metrics = {}
-    if run.metrics_path.exists():
-        metrics = json.loads(run.metrics_path.read_text())
+    metrics = RunDir(run_dir).metrics()
     value = t.value if t.state == TrialState.COMPLETE else (metrics.get("primary") or {}).get("best")
     if value is None and t.intermediate_values:
         value = t.intermediate_values[max(t.intermediate_values)]
@@ -317,7 +314,7 @@ def trial_record(t, run_dir: Path) -> dict:
         "slot": t.user_attrs.get("slot"),
         "number": t.number,
         "state": t.state.name,
-        "value": None if value is None or not math.isfinite(value) else float(value),
+        "value": finite_float(value),  # metrics.json writes an infinity as a string
         "params": dict(t.params),
         "run_dir": str(run_dir),
         "best_step": metrics.get("best_step"),
@@ -375,3 +372,166 @@ def importance(study: optuna.Study, numbers: list[int]) -> dict:
     except (RuntimeError, ValueError):
         return {}
     return {k: float(v) for k, v in result.items()}
+
+
+# --- the phase: one slot's trial, the study's best ------------------------------------------------------------
+
+
+def setup(exp: dict, exp_dir: Path) -> tuple[dict, dict, int | None, Path]:
+    """(space, base config, trial epochs, sweep dir) of an experiment's sweep."""
+    from tunewise.config import load_yaml
+    from tunewise.phases import CliError
+    from tunewise.trainers import get_trainer
+
+    cfg = exp["optimize"]["sweep"]
+    exp_dir = Path(exp_dir)
+    base_path = exp_dir / ("diagnosis/optimization_config.yaml" if cfg["base"] == "optimized" else "baseline/config.yaml")
+    if not base_path.exists():
+        raise CliError(f"{base_path}: the sweep's base config (optimize.sweep.base: {cfg['base']}) is missing; run the diagnosis first")
+    try:
+        space = resolve_space(get_trainer(exp["trainer"]).search_space(), cfg.get("space"))
+    except SweepError as e:
+        raise CliError(f"experiments.{exp['name']}.{e}") from None
+    return space, load_yaml(base_path), cfg.get("epochs"), exp_dir / "optimize" / "sweep"
+
+
+def run_slot(exp: dict, exp_dir: Path, slot: int, out: Path, *, threads: int | None = None,
+             rule: str | None = None) -> dict:
+    """One trial slot of the experiment's study: ask, train (reporting for pruning), tell; writes `out`
+    (trial.json) once the trial is told and returns its record. A finished slot is only written again."""
+    from tunewise.phases import CliError
+    from tunewise.runs import RunDir, write_json
+
+    space, base, epochs, sweep_dir = setup(exp, exp_dir)
+    journal = sweep_dir / "study.journal"
+    run_dir = sweep_dir / "trials" / f"trial{slot}"
+    study = open_study(exp, space, base, journal, slot, epochs=epochs)
+    done = finished_trial(study, slot)
+    if done is None:
+        study = _train_slot(exp, exp_dir, study, (space, base, epochs, sweep_dir), slot, threads, rule)
+        done = finished_trial(study, slot)
+    elif not RunDir(run_dir).is_finished():
+        raise CliError(f"slot {slot} has finished trial {done.number} in {study.study_name} but {run_dir} is not a finished run")
+    record = trial_record(done, run_dir)
+    write_json(Path(out), {"study": study.study_name, **record})
+    print(f"slot {slot}: trial {record['number']} {record['state']}, {exp['metric']['name']} = {record['value']}")
+    return record
+
+
+def archive_attempt(exp: dict, sweep_dir: Path, slot: int, attempt: int) -> dict:
+    """Set a killed attempt's files aside (trials/interrupted/trial<slot>-attempt<k>) and end its MLflow run as
+    superseded; returns its run.json ({} when the slot's folder holds nothing)."""
+    import shutil
+
+    from tunewise.phases import tracked
+    from tunewise.runs import RunDir
+
+    run_dir = sweep_dir / "trials" / f"trial{slot}"
+    # Snakemake creates the output's (empty) folder before the job starts: only a killed attempt leaves files
+    if not (run_dir.exists() and any(run_dir.iterdir())):
+        return {}
+    previous = RunDir(run_dir).info()
+    # the killed attempt's files stay for inspection, out of the way of the new trial
+    archive = sweep_dir / "trials" / "interrupted" / f"trial{slot}-attempt{attempt}"
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(archive, ignore_errors=True)
+    run_dir.rename(archive)
+    if previous.get("mlflow_run_id"):
+        # its trial is a failure in the study, so its MLflow run is no result either (even one that
+        # finished training just before the kill, before the study was told)
+        tracked.tracker(exp).supersede(previous["mlflow_run_id"], f"slot {slot} re-asked; files in {archive}",
+                                       finished_too=True)
+    return previous
+
+
+def _train_slot(exp: dict, exp_dir: Path, study, setting: tuple, slot: int, threads: int | None,
+                rule: str | None):
+    """Ask the slot's trial (the point of a trial that did not end, else a new one), train and tell it."""
+    from tunewise.trainers import budget, budget_key, get_trainer
+
+    space, base, epochs, sweep_dir = setting
+    stale = fail_stale(study, slot)
+    attempt = len(slot_trials(study, slot))
+    if attempt:  # a fresh sampler seed for a re-ask that samples: a point that failed is not proposed again
+        study = open_study(exp, space, base, sweep_dir / "study.journal", slot, attempt, epochs=epochs)
+    trainer = get_trainer(exp["trainer"])
+    previous = archive_attempt(exp, sweep_dir, slot, attempt)
+    if previous and trainer.knobs.get("batch_size") in space:
+        # the sampler chooses the batch size: an OOM is that point's failure, not a reason to shrink another
+        previous = {k: v for k, v in previous.items() if k not in ("batch_size", "out_of_memory")}
+    again = retry_point(study, slot, trainer.knobs.get("batch_size"), space)
+    trial = ask(study, slot, sweep_dir / "ask.lock", again)
+    params = suggest(trial, space)
+    if again is not None:
+        print(f"slot {slot}: trial {again.number} did not end ({again.user_attrs.get('fail_kind', 'killed')}); "
+              f"its point is trained again as trial {trial.number}")
+    config = trial_config(base, params, epochs, budget_key(trainer))
+    if stale:
+        print(f"slot {slot}: trial(s) {stale} left running by a killed job recorded as failed; re-asked as trial {trial.number}")
+    wrapper = lambda inner: TrialReporter(inner, trial, exp["metric"]["name"], budget(trainer, config))  # noqa: E731
+    _train_trial(exp, exp_dir, study, trial, config, slot, sweep_dir / "trials" / f"trial{slot}", wrapper,
+                 {k: v for k, v in previous.items() if k != "mlflow_run_id"}, threads, rule)
+    return study
+
+
+def _train_trial(exp, exp_dir, study, trial, config, slot, run_dir, wrapper, previous, threads, rule) -> None:
+    """Train the asked trial through the training phase and tell the study how it ended."""
+    from tunewise.phases.train import OutOfMemory, train_run
+
+    try:
+        metrics = train_run(
+            exp, exp_dir, run_dir, config, phase="optimize", rule=rule, run_name=f"trial{slot}", threads=threads,
+            parent="sweep", tags={"trial": trial.number, "slot": slot, "study": study.study_name},
+            reporter_wrapper=wrapper,
+            # an earlier attempt that ran out of memory makes this one's batch smaller (not its MLflow run's owner)
+            previous_attempt=previous)
+    except BaseException as e:
+        kind = (INTERRUPTED if isinstance(e, KeyboardInterrupt)
+                else "out_of_memory" if isinstance(e, OutOfMemory) else "error")
+        tell_failed(study, trial, kind, f"{type(e).__name__}: {e}")
+        raise
+    if metrics["status"] == "done":
+        tell(study, trial, float(metrics["primary"]["best"]))
+    elif metrics["status"] == "pruned":
+        trial.set_user_attr("reason", metrics["reason"])
+        tell(study, trial, state=TrialState.PRUNED)
+    else:
+        tell_failed(study, trial, "diverged", metrics.get("reason") or metrics["status"])
+
+
+def select_best(exp: dict, exp_dir: Path, out_dir: Path, *, rule: str | None = None) -> dict:
+    """The best complete trial of the study -> best.yaml, best.json, sweep.json (with playbook checks); logged to
+    the experiment's `sweep` parent run. Returns sweep.json's summary."""
+    from tunewise.config import dump_yaml
+    from tunewise.phases import CliError, tracked
+    from tunewise.phases.playbook import sweep_checks
+    from tunewise.runs import atomic_write_text, write_json
+
+    space, base, epochs, sweep_dir = setup(exp, exp_dir)
+    study = open_study(exp, space, base, sweep_dir / "study.journal", epochs=epochs)
+    try:
+        summary = summarise(study, exp, space, sweep_dir / "trials", int(exp["optimize"]["sweep"]["n_trials"]))
+    except SweepError as e:
+        raise CliError(str(e)) from None
+    summary["checks"] = sweep_checks(summary)
+    best = summary["best"]
+    # the best trial's values on the base config; a shortened trial budget (optimize.sweep.epochs) is not kept
+    config = trial_config(base, best["params"], None)
+    out = Path(out_dir)
+    atomic_write_text(out / "best.yaml", dump_yaml(config))
+    write_json(out / "sweep.json", summary)
+    write_json(out / "best.json", {"strategy": "sweep", "config": str(out / "best.yaml"), "run_dir": best["run_dir"],
+                                   "value": best["value"], "metric": exp["metric"], "trial": best["number"],
+                                   "slot": best["slot"], "params": best["params"], "study": study.study_name})
+    tracker = tracked.tracker(exp)
+    parent = tracked.parent_run(tracker, exp, exp_dir, "sweep")
+    tracker.log_params(parent, {"sampler": summary["sampler"], "pruner": summary["pruner"], "n_trials": summary["n_trials"],
+                                "study": study.study_name})
+    tracker.log_metrics(parent, {"best_value": best["value"], **{f"n_{k.lower()}": v for k, v in summary["states"].items()},
+                                 **{f"importance/{k}": v for k, v in summary["importance"].items()}})
+    for path in (out / "best.yaml", out / "sweep.json"):
+        tracker.log_artifact(parent, path)
+    tracker.end_run(parent)
+    print(f"sweep of {exp['name']}: best trial {best['number']} (slot {best['slot']}) {exp['metric']['name']} = {best['value']:.4g}; "
+          + ", ".join(f"{v} {k.lower()}" for k, v in summary["states"].items()))
+    return summary
