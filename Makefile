@@ -7,7 +7,7 @@ CONFIG ?= config/config.yaml
 ARGS ?=
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install run report test bench dry-run lint mlflow-ui clean
+.PHONY: install run report test test-fast bench dry-run lint mlflow-ui clean
 
 install: $(VENV)/.installed
 
@@ -31,6 +31,10 @@ report: install
 TEST_WORKERS ?= 2
 test: install
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=20 $(ARGS)
+
+# the inner loop: everything but the end-to-end tests (those marked e2e run Snakemake workflows)
+test-fast: install
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not e2e" $(ARGS)
 
 bench: install
 	$(PY) bench/run.py $(ARGS)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from e2e_support import env
 from tunewise.cli import build_parser, main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -207,15 +208,6 @@ CLI_CASES = [c for c in CASES if "cli" in c.get("also", [])]
 SNAKEMAKE_CASES = [c for c in CASES if "snakemake" in c.get("also", [])]
 
 
-def _env() -> dict:
-    import os
-
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["PYTHONPATH"] = str(REPO / "tests")
-    return env
-
-
 @pytest.mark.parametrize("case", CLI_CASES, ids=_ids(CLI_CASES))
 def test_bad_input_through_the_tunewise_command(case, tmp_path):
     file = BAD / case["file"]
@@ -226,7 +218,7 @@ def test_bad_input_through_the_tunewise_command(case, tmp_path):
         argv = ["prepare-data", "--experiment-file", str(exp_file), "--out", str(exp_file.parent / "data" / "ready.json")]
     else:
         raise AssertionError(f"no command for entry {case['entry']}")
-    proc = subprocess.run([_tunewise(), *argv], capture_output=True, text=True, cwd=REPO, env=_env(), timeout=300)
+    proc = subprocess.run([_tunewise(), *argv], capture_output=True, text=True, cwd=REPO, env=env(), timeout=300)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stderr.startswith(f"tunewise {argv[0]}: error: "), proc.stderr
     _assert_names_the_problem(case, proc.stderr)
@@ -237,7 +229,7 @@ def test_bad_input_through_the_tunewise_command(case, tmp_path):
 def test_bad_config_stops_a_snakemake_dry_run_before_any_job(case, tmp_path):
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
            "--configfile", str(BAD / case["file"]), "-n", "--cores", "1"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=_env(), timeout=300)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env(), timeout=300)
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
     missing = [f for f in case["expect"] if f not in out]

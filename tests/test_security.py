@@ -105,7 +105,7 @@ def test_the_mlflow_ui_target_binds_to_localhost_only():
 def test_a_workflow_in_a_path_full_of_shell_metacharacters_runs_and_runs_nothing_else(tmp_path):
     """The work folder, the MLflow database path and a description carry quotes, $(...), backticks and `;`:
     every rule still runs, and none of the embedded commands does."""
-    from test_workflow_e2e import _env
+    from e2e_support import env
 
     # (no single quote in the folder: MLflow cannot create a SQLite store under one, and the Tracker says so)
     hostile = "wd $(touch PWNED1); `touch PWNED2` q\" & touch PWNED3 #"
@@ -126,7 +126,7 @@ def test_a_workflow_in_a_path_full_of_shell_metacharacters_runs_and_runs_nothing
         [sys.executable, "-m", "snakemake", "results/toy/diagnosis/diagnosis.json", "-s", str(REPO / "Snakefile"),
          "-d", str(work), "--workflow-profile", str(REPO / "profiles" / "default"), "--configfile", str(configfile),
          "--cores", "2"],
-        capture_output=True, text=True, timeout=600, env=_env(), cwd=tmp_path,
+        capture_output=True, text=True, timeout=600, env=env(), cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     pwned = [p for p in tmp_path.rglob("PWNED*")] + [p for p in Path.cwd().glob("PWNED*")]

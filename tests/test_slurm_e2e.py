@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from e2e_support import env
+
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "tests" / "slurm" / "cluster.sh"
 pytestmark = pytest.mark.e2e
@@ -47,13 +49,6 @@ def cluster():
     assert proc.returncode == 0, f"the test cluster did not start:\n{proc.stdout}\n{proc.stderr}"
     gres = subprocess.run(["sinfo", "-h", "-o", "%G"], capture_output=True, text=True).stdout
     assert "gpu:fake:" in gres, f"the cluster has no fake GPUs: {gres!r}"
-
-
-def _env():
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["PYTHONPATH"] = str(REPO / "tests")  # the toy experiment names tests' toy_trainer:ToyTrainer
-    return env
 
 
 def _config(tmp_path: Path) -> Path:
@@ -114,7 +109,7 @@ def slurm_run(cluster, tmp_path_factory):
         "--slurm-no-account", "--slurm-init-seconds-before-status-checks", "2",
     ]
     log = (work / "snakemake.log").open("w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env(), start_new_session=True)
     toy_run = work / "results" / TOY / "baseline"
     requeued = None
     deadline = time.time() + 900

@@ -1,20 +1,17 @@
-"""Strategy `sweep` through Snakemake on the latent trainer: samplers and pruners end to end, and a
-workflow killed in the middle of a sweep that finishes the study on the next run without retraining
-a finished trial."""
+"""Strategy `sweep` through Snakemake on the toy trainer (tests/toy_trainer.py): samplers and pruners end to end,
+the trials' MLflow runs and a finished sweep with nothing left to do. What these check is the sweep's machinery
+(slots, the study, select-best, best.yaml, the seeds of the best config), which no trainer changes; a workflow
+killed in the middle of a sweep is a row of test_kills_e2e.py's table of kill points."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from test_workflow_e2e import REPO, _env, ctrl_c_reaches, snakemake
+from e2e_support import TOY, TOY_RESOURCES, snakemake, write_config
+from toy_trainer import ToyTrainer
 
 pytestmark = pytest.mark.e2e
 
@@ -26,17 +23,18 @@ N_TRIALS = 3
 
 def sweep_experiment(sampler: str, pruner: str, n_trials: int = N_TRIALS, trial_epochs: int = 4) -> dict:
     return {
-        "trainer": "latent",
-        "data": {"source": "embedded", "limit": 600, "targets": ["PF_p", "S_p"]},
-        "baseline": {"model": {"hidden": 32, "latent_dim": 8, "head_hidden": 8}, "optim": {"lr": 0.0003},
-                     "train": {"epochs": 4, "batch_size": 128}},
+        "trainer": TOY,
+        "baseline": {"train": {"epochs": 4, "batch_size": 32}},
         "optimize": {"strategy": "sweep", "sweep": {
             "n_trials": n_trials, "sampler": sampler, "pruner": pruner, "epochs": trial_epochs, "grid_points": 2,
-            "space": {"model.hidden": {"type": "categorical", "choices": [32, 64]},
-                      "train.batch_size": {"type": "categorical", "choices": [128, 256]}}}},
+            # the five kinds of knob a real trainer's default space holds: log-scaled and linear floats, categoricals
+            "space": {"optim.lr": {"type": "float", "low": 1e-3, "high": 3e-2, "log": True},
+                      "optim.weight_decay": {"type": "float", "low": 1e-6, "high": 1e-2, "log": True},
+                      "model.dropout": {"type": "float", "low": 0.0, "high": 0.5},
+                      "model.hidden": {"type": "categorical", "choices": [16, 32]},
+                      "train.batch_size": {"type": "categorical", "choices": [32, 64]}}}},
         "significance": {"seeds": 2, "n_boot": 200},
-        "design": {"enabled": False},  # the design phase is test_workflow_e2e's and test_latent_design's
-        "resources": {"threads": 1, "mem_mb": 1000, "runtime": 10},
+        "resources": TOY_RESOURCES,
     }
 
 
@@ -58,9 +56,8 @@ def targets() -> list[str]:
 @pytest.fixture(scope="module")
 def matrix(tmp_path_factory):
     work = tmp_path_factory.mktemp("sweeps")
-    cfg = {"experiments": {f"sw_{s}_{p}": sweep_experiment(s, p, n_trials=n_trials(f"sw_{s}_{p}"))
-                           for s, p in PAIRS}}
-    (work / "sweeps.yaml").write_text(yaml.safe_dump(cfg))
+    write_config(work / "sweeps.yaml", {f"sw_{s}_{p}": sweep_experiment(s, p, n_trials=n_trials(f"sw_{s}_{p}"))
+                                        for s, p in PAIRS})
     proc = snakemake(work, "--cores", "2", *targets(), configfile=work / "sweeps.yaml")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return work
@@ -110,7 +107,7 @@ def test_sweep_trials_are_children_of_the_sweep_run_in_mlflow(matrix):
     assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {parent[0].info.run_id}
     assert "best_value" in parent[0].data.metrics
     for r in trials:
-        steps = [m.step for m in client.get_metric_history(r.info.run_id, "val/r2_mean")]
+        steps = [m.step for m in client.get_metric_history(r.info.run_id, ToyTrainer.primary_metric)]
         assert steps == list(range(1, len(steps) + 1)) and steps
 
 
@@ -119,50 +116,3 @@ def test_nothing_to_do_after_a_finished_sweep(matrix):
     proc = snakemake(matrix, "-n", "--cores", "2", *targets(), configfile=cfg)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Nothing to be done" in proc.stdout + proc.stderr
-
-
-def test_killed_during_a_sweep_keeps_finished_trials_and_finishes_the_study(tmp_path):
-    import optuna
-
-    exp = "sw_kill"
-    cfg = {"experiments": {exp: sweep_experiment("random", "none", n_trials=3, trial_epochs=60)}}
-    path = tmp_path / "kill.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    trials = tmp_path / "results" / exp / "optimize" / "sweep" / "trials"
-    target = f"results/{exp}/optimize/sweep/best.json"
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
-           "--workflow-profile", str(REPO / "profiles" / "default"), "--configfile", str(path), "--cores", "1", target]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env(), start_new_session=True,
-                            preexec_fn=ctrl_c_reaches)
-    deadline, finished, running = time.time() + 400, [], []
-    while time.time() < deadline and not (finished and running):
-        time.sleep(0.5)
-        finished = sorted(trials.glob("trial*/trial.json"))
-        running = [d for d in trials.glob("trial*") if (d / "checkpoints" / "last.pt").exists()
-                   and not (d / "trial.json").exists()]
-    assert finished and running, "never saw one finished trial and one training"
-    os.killpg(proc.pid, signal.SIGINT)
-    try:
-        proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("snakemake did not stop within 120 s of Ctrl-C")
-    kept = {p.parent.name: (json.loads(p.read_text())["number"], p.stat().st_mtime_ns)
-            for p in trials.glob("trial*/trial.json")}
-    killed_slot = running[0].name
-
-    again = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=900)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    for name, (number, mtime) in kept.items():  # finished trials are never recomputed
-        p = trials / name / "trial.json"
-        assert json.loads(p.read_text())["number"] == number and p.stat().st_mtime_ns == mtime
-    summary = json.loads((tmp_path / "results" / exp / "optimize" / "sweep" / "sweep.json").read_text())
-    assert sorted(t["slot"] for t in summary["trials"]) == [0, 1, 2]
-    storage = optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(trials.parent / "study.journal")))
-    study = optuna.load_study(study_name=summary["study"], storage=storage)
-    slot = int(killed_slot.removeprefix("trial"))
-    attempts = [t for t in study.trials if t.user_attrs.get("slot") == slot]
-    assert [t.state.name for t in attempts] == ["FAIL", "COMPLETE"]  # recorded as failed, then re-asked
-    assert attempts[0].user_attrs.get("fail_kind", "interrupted") == "interrupted"
-    assert (trials / "interrupted").is_dir()  # the killed attempt's files are kept aside

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from test_workflow_e2e import snakemake
+from e2e_support import snakemake
 
 pytestmark = pytest.mark.e2e
 

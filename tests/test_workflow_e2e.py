@@ -1,50 +1,25 @@
 """The whole workflow, run by Snakemake on the tiny test config, on the CPU.
 
-One module-scoped run serves the output checks; the malformed-config and kill-and-resume
-tests use workflows of their own.
+One module-scoped run serves the output checks; the malformed-config tests use workflows of their own
+(Ctrl-C during the baseline and resuming is a row of test_kills_e2e.py's table of kill points).
 """
 from __future__ import annotations
 
 import base64
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from e2e_support import REPO, env, snakemake
+
 EXP = "latent_tiny"
 pytestmark = pytest.mark.e2e
-
-
-def snakemake(workdir: Path, *args: str, configfile: Path | None = None, timeout: int = 900, env=None):
-    cmd = [
-        sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
-        "--workflow-profile", str(REPO / "profiles" / "default"),
-        "--configfile", str(configfile or REPO / "config" / "test.yaml"), *args,
-    ]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(env))
-
-
-def _env(extra=None):
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["PYTHONPATH"] = str(REPO / "tests")  # lets configs name tests' toy_trainer:ToyTrainer
-    env.update(extra or {})
-    return env
-
-
-def ctrl_c_reaches(*_) -> None:
-    """preexec_fn for a workflow the test stops with SIGINT: a shell's background job (`cmd &` without job
-    control) starts with SIGINT ignored and passes that on to every child, where Ctrl-C would then do nothing."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +42,7 @@ def test_dry_run_lists_every_phase_rule(tmp_path):
     # rules below the diagnose checkpoint are known to Snakemake even before it ran
     listed = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
                              "--configfile", str(REPO / "config" / "test.yaml"), "--list-rules"],
-                            capture_output=True, text=True, env=_env())
+                            capture_output=True, text=True, env=env())
     for rule in ("optimize_targeted", "significance", "gate", "finalize", "design", "report_index"):
         assert rule in listed.stdout, rule
 
@@ -75,7 +50,7 @@ def test_dry_run_lists_every_phase_rule(tmp_path):
 def test_lint_has_no_errors(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
                            "--configfile", str(REPO / "config" / "test.yaml"), "--lint"],
-                          capture_output=True, text=True, env=_env())
+                          capture_output=True, text=True, env=env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
@@ -274,57 +249,3 @@ def test_malformed_configs_stop_before_any_job(tmp_path, change, needle):
     assert proc.returncode != 0
     assert needle in proc.stdout + proc.stderr
     assert not (tmp_path / "results").exists() and not (tmp_path / "reports").exists()
-
-
-def test_killed_during_baseline_resumes_from_last_checkpoint(tmp_path):
-    cfg = yaml.safe_load((REPO / "config" / "test.yaml").read_text())
-    cfg["experiments"][EXP]["baseline"]["train"]["epochs"] = 60
-    cfg["experiments"][EXP]["significance"]["seeds"] = 2
-    path = tmp_path / "slow.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    last = tmp_path / "results" / EXP / "baseline" / "checkpoints" / "last.pt"
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
-           "--workflow-profile", str(REPO / "profiles" / "default"), "--configfile", str(path), "--cores", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env(), start_new_session=True,
-                            preexec_fn=ctrl_c_reaches)
-    import torch
-
-    deadline = time.time() + 300
-    epoch = 0
-    while time.time() < deadline and epoch < 3:
-        time.sleep(0.5)
-        if last.exists():
-            try:
-                epoch = torch.load(last, weights_only=True)["epoch"]
-            except Exception:
-                pass  # being replaced right now
-    assert epoch >= 3, "baseline never reached epoch 3"
-    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does to the terminal's process group
-    try:
-        proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out = proc.communicate()[0].decode(errors="replace")
-        log = (tmp_path / "results" / EXP / "logs" / "train_baseline.log").read_text()
-        pytest.fail(f"snakemake did not stop within 120 s of Ctrl-C\n{out[-2000:]}\ntrain log:\n{log[-3000:]}")
-    assert not (tmp_path / "results" / EXP / "baseline" / "metrics.json").exists()
-    interrupted_at = torch.load(last, weights_only=True)["epoch"]
-    assert interrupted_at < 60
-
-    # the rerun finishes the baseline, the job that was killed (the phases after it are other tests' business)
-    again = subprocess.run([*cmd, f"results/{EXP}/baseline/metrics.json"], capture_output=True, text=True, env=_env(),
-                           timeout=900)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    log = (tmp_path / "results" / EXP / "logs" / "train_baseline.log").read_text()
-    assert "resuming from checkpoints/last.pt" in log
-    hist = pd.read_csv(tmp_path / "results" / EXP / "baseline" / "history.csv")
-    assert list(hist["step"]) == list(range(1, 61))
-    run = json.loads((tmp_path / "results" / EXP / "baseline" / "run.json").read_text())
-    assert run["status"] == "done" and run["attempt"] == 2
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    logged = client.get_metric_history(run["mlflow_run_id"], "val/r2_mean")
-    steps = sorted(m.step for m in logged)
-    assert steps == list(range(1, 61))  # nothing lost or doubled across the kill
-    assert re.search(r"done, val/r2_mean best", log)

@@ -1,0 +1,61 @@
+"""What the end-to-end tests share: the Snakemake command they run the workflow with, the environment its jobs
+get, a config written from experiments, and the MLflow runs of an experiment. conftest.py puts tests/ on the
+path, so test files import it as `e2e_support`."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+# the trainer the mechanics tests (sweep, iterative, kills, faults) run on: seconds per run, no data to featurise
+TOY = "toy_trainer:ToyTrainer"
+TOY_RESOURCES = {"threads": 1, "mem_mb": 500, "runtime": 5}
+
+
+def env(extra: dict | None = None) -> dict:
+    """A job's environment: no tracking URI of the caller's, this Python's scripts first, and tests/ importable
+    (configs name tests' toy_trainer:ToyTrainer)."""
+    out = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    out["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{out.get('PATH', '')}"
+    # kept after tests/: a PYTHONPATH naming a source tree (a work tree's src/) is the code the jobs should run
+    out["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "tests"), out.get("PYTHONPATH")) if p)
+    out.update(extra or {})
+    return out
+
+
+def snakemake_cmd(workdir: Path, *args: str, configfile: Path | None = None, profile: bool = True) -> list[str]:
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir)]
+    if profile:
+        cmd += ["--workflow-profile", str(REPO / "profiles" / "default")]
+    return [*cmd, "--configfile", str(configfile or REPO / "config" / "test.yaml"), *args]
+
+
+def snakemake(workdir: Path, *args: str, configfile: Path | None = None, timeout: int = 900, extra_env=None):
+    return subprocess.run(snakemake_cmd(workdir, *args, configfile=configfile), capture_output=True, text=True,
+                          timeout=timeout, env=env(extra_env))
+
+
+def ctrl_c_reaches(*_) -> None:
+    """preexec_fn for a workflow the test stops with SIGINT: a shell's background job (`cmd &` without job
+    control) starts with SIGINT ignored and passes that on to every child, where Ctrl-C would then do nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def write_config(path: Path, experiments: dict) -> Path:
+    path.write_text(yaml.safe_dump({"experiments": experiments}))
+    return path
+
+
+def mlflow_runs(work: Path, exp: str):
+    """The MLflow client of a work directory's database and every run of experiment `exp`."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(exp)
+    assert experiment is not None, f"no MLflow experiment {exp!r}"
+    return client, client.search_runs([experiment.experiment_id], max_results=1000)
