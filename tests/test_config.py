@@ -121,3 +121,24 @@ def test_request_gpus_is_a_checked_top_level_switch():
     assert validate({**base_config(), "request_gpus": "always"})["request_gpus"] == "always"
     with pytest.raises(ConfigError, match=r"request_gpus: 'sometimes' is not one of \['auto', 'always', 'never'\]"):
         validate({**base_config(), "request_gpus": "sometimes"})
+
+
+def test_a_module_class_trainer_is_found_from_the_working_directory(tmp_path, repo):
+    """`tunewise` (a console script) must import `pkg.mod:Class` from where the workflow runs, as the Snakefile
+    parse does, without the user setting PYTHONPATH."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "__init__.py").write_text("")
+    (tmp_path / "mine" / "trainer.py").write_text((repo / "tests" / "toy_trainer.py").read_text())
+    (tmp_path / "c.yaml").write_text("experiments:\n  e1:\n    trainer: mine.trainer:ToyTrainer\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    tunewise = [sys.executable, "-P", "-c",  # -P: no cwd on sys.path, like a console script
+                "import sys; from tunewise.cli import main; sys.exit(main())"]
+    ok = subprocess.run([*tunewise, "validate", "c.yaml"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert ok.returncode == 0 and "c.yaml: valid (e1)" in ok.stdout, ok.stderr
+    (tmp_path / "c.yaml").write_text("experiments:\n  e1:\n    trainer: mine.nothere:ToyTrainer\n")
+    bad = subprocess.run([*tunewise, "validate", "c.yaml"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "cannot import module 'mine.nothere'" in bad.stderr, bad.stderr

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 
 BUILTIN = {
     "latent": "tunewise.trainers.latent.trainer:LatentTrainer",
@@ -19,6 +21,11 @@ def get_trainer(name: str):
             )
         target = name
     module_name, _, class_name = target.partition(":")
+    if name not in BUILTIN and os.getcwd() not in sys.path:
+        # a trainer of the user's own (`examples.my_trainer:MyTrainer`) is found from where the workflow runs,
+        # as `python -m` finds modules: the `tunewise` console script does not put the working directory on
+        # sys.path, the Snakefile parse does, and both must import the same module
+        sys.path.append(os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
