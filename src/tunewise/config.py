@@ -219,7 +219,7 @@ def resolve_experiment(config: dict, name: str) -> dict:
     """The fully resolved experiment: schema defaults, trainer defaults, data and baseline merged.
 
     The result is what every CLI verb reads (results/<exp>/experiment.yaml)."""
-    from tunewise.trainers import get_trainer
+    from tunewise.trainers import get_spec
 
     exp = copy.deepcopy(config["experiments"][name])
     where = f"experiments.{name}"
@@ -229,7 +229,7 @@ def resolve_experiment(config: dict, name: str) -> dict:
             f"(available: {', '.join(sorted(IMPLEMENTED_STRATEGIES))})"
         )
     try:
-        trainer = get_trainer(exp["trainer"])
+        trainer = get_spec(exp["trainer"])  # no torch: the Snakefile parse validates every experiment
     except (KeyError, ImportError, AttributeError) as e:
         # args[0], not str(e): a KeyError's str() is the repr of its message, quotes and all
         raise ConfigError(f"{where}.trainer: {e.args[0] if e.args else e}") from None

@@ -270,6 +270,15 @@ class RunDir:
             return yaml.safe_load(f)
 
 
+def refuse_lfs_pointer(path: Path) -> None:
+    """A Git LFS pointer where a checkpoint should be (a clone without `git lfs pull`) is a CheckpointError; it is
+    told by its first bytes, without torch, so a config naming one is refused when it is validated."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head.startswith(b"version https://git-lfs"):
+        raise CheckpointError(f"checkpoint {path} is a Git LFS pointer, not the checkpoint itself (run `git lfs pull`)")
+
+
 def load_checkpoint(path: Path, map_location: Any = "cpu", required: tuple[str, ...] = ()) -> dict:
     """torch.load with weights_only=True (no pickled code runs); a file that cannot serve as a checkpoint
     becomes a CheckpointError naming it and the problem, with the `required` keys checked."""
@@ -278,10 +287,7 @@ def load_checkpoint(path: Path, map_location: Any = "cpu", required: tuple[str, 
     import torch
 
     path = Path(path)
-    with open(path, "rb") as f:
-        head = f.read(64)
-    if head.startswith(b"version https://git-lfs"):
-        raise CheckpointError(f"checkpoint {path} is a Git LFS pointer, not the checkpoint itself (run `git lfs pull`)")
+    refuse_lfs_pointer(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError, OSError) as e:

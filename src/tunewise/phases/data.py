@@ -13,6 +13,12 @@ def prepare_data(exp: dict, exp_dir: Path, out: Path, *, threads: int = 1, rule:
     from tunewise.trainers import get_trainer
 
     trainer = get_trainer(exp["trainer"])
+    try:
+        # the trainer's own checks, some of which (a textcaps model built from its weights files) need torch
+        # and so are not run at the Snakefile parse: still before any training
+        trainer.check_config(exp["baseline"])
+    except (ValueError, FileNotFoundError) as e:
+        raise CliError(f"experiments.{exp['name']}: {e}") from None
     data_cfg = exp["baseline"]["data"]
     try:
         info = trainer.prepare_data(data_cfg, Path(data_cfg["prepared_dir"]), threads=threads)

@@ -524,9 +524,9 @@ def plan(exp: dict, run_dir: str | Path) -> dict:
     from tunewise.config import get_dotted
     from tunewise.phases.recommend import recommend, to_patch
     from tunewise.runs import RunDir
-    from tunewise.trainers import get_trainer
+    from tunewise.trainers import get_spec
 
-    trainer = get_trainer(exp["trainer"])
+    trainer = get_spec(exp["trainer"])  # knobs and thresholds: no torch in the diagnose job
     metric = exp["metric"]
     history, metrics = load_run(run_dir)
     findings = diagnose(history, metrics, metric["name"], metric["direction"], thresholds_for(trainer, exp))

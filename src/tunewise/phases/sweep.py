@@ -168,10 +168,10 @@ def open_study(exp: dict, space: dict, base_config: dict, journal: Path, slot: i
                epochs: int | None = None) -> optuna.Study:
     sweep = exp["optimize"]["sweep"]
     from tunewise.config import get_dotted
-    from tunewise.trainers import budget_key, get_trainer
+    from tunewise.trainers import budget_key, get_spec
 
     # the pruners' resource is the trainer's budget in history steps (epochs, or PEZ steps)
-    key = budget_key(get_trainer(exp["trainer"])) if exp.get("trainer") else "train.epochs"
+    key = budget_key(get_spec(exp["trainer"])) if exp.get("trainer") else "train.epochs"
     epochs = epochs or int(get_dotted(base_config, key))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return optuna.create_study(
@@ -381,7 +381,7 @@ def setup(exp: dict, exp_dir: Path) -> tuple[dict, dict, int | None, Path]:
     """(space, base config, trial epochs, sweep dir) of an experiment's sweep."""
     from tunewise.config import load_yaml
     from tunewise.phases import CliError
-    from tunewise.trainers import get_trainer
+    from tunewise.trainers import get_spec
 
     cfg = exp["optimize"]["sweep"]
     exp_dir = Path(exp_dir)
@@ -389,7 +389,7 @@ def setup(exp: dict, exp_dir: Path) -> tuple[dict, dict, int | None, Path]:
     if not base_path.exists():
         raise CliError(f"{base_path}: the sweep's base config (optimize.sweep.base: {cfg['base']}) is missing; run the diagnosis first")
     try:
-        space = resolve_space(get_trainer(exp["trainer"]).search_space(), cfg.get("space"))
+        space = resolve_space(get_spec(exp["trainer"]).search_space(), cfg.get("space"))
     except SweepError as e:
         raise CliError(f"experiments.{exp['name']}.{e}") from None
     return space, load_yaml(base_path), cfg.get("epochs"), exp_dir / "optimize" / "sweep"

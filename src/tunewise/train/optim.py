@@ -10,8 +10,7 @@ import math
 
 import torch
 
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("none", "linear", "step", "cosine", "plateau")
+from tunewise.train.options import OPTIMIZERS, SCHEDULES  # noqa: F401  (re-exported)
 
 
 def param_groups(model: torch.nn.Module, optim_cfg: dict) -> list[dict]:

@@ -1,4 +1,10 @@
-"""Trainer registry: built-in names, or `module:Class` for a trainer outside this repository."""
+"""Trainer registry: built-in names, or `module:Class` for a trainer outside this repository.
+
+A built-in trainer comes in two halves: its spec (name, metric, knobs, default config, checks, search space),
+which imports no torch, and the trainer, which adds the training. Config validation and the light jobs ask
+for the spec (`get_spec`), so that the Snakefile parse and those jobs never import torch; the jobs that train,
+prepare data or evaluate ask for the trainer (`get_trainer`). A trainer of the user's own is both.
+"""
 from __future__ import annotations
 
 import importlib
@@ -10,10 +16,24 @@ BUILTIN = {
     "textcaps": "tunewise.trainers.textcaps.trainer:TextCapsTrainer",
     "pez": "tunewise.trainers.pez.trainer:PezTrainer",
 }
+SPECS = {
+    "latent": "tunewise.trainers.latent.spec:LatentSpec",
+    "textcaps": "tunewise.trainers.textcaps.spec:TextCapsSpec",
+    "pez": "tunewise.trainers.pez.spec:PezSpec",
+}
 
 
 def get_trainer(name: str):
-    target = BUILTIN.get(name)
+    """The trainer that trains (imports torch for a built-in one)."""
+    return _load(name, BUILTIN.get(name))
+
+
+def get_spec(name: str):
+    """What validation and the light jobs need of a trainer: its settings, knobs and search space, no torch."""
+    return _load(name, SPECS.get(name))
+
+
+def _load(name: str, target: str | None):
     if target is None:
         if ":" not in name:
             raise KeyError(

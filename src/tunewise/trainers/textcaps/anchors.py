@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-SEP_METHODS = ("classifier", "w2_margin")
+from tunewise.trainers.textcaps.options import SEP_METHODS  # noqa: E402,F401  (re-exported)
+
 DEFAULT_FLOOR = 1e-10
 
 

@@ -48,7 +48,6 @@ Generator design (why worst-group accuracy is a real problem here)
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import io
 import json
@@ -66,6 +65,19 @@ from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import Dataset, Sampler
 
 from tunewise.runs import atomic_write_text, read_user_json, write_json
+from tunewise.trainers.textcaps.data_config import (  # noqa: F401  (re-exported: data.py was their home)
+    ALPHABET,
+    CAPTION_TEMPLATES,
+    CLASSES,
+    DEFAULT_GENERATOR,
+    DEFAULT_LOADER,
+    MODES,
+    N_CLASSES,
+    TEXT_SOURCES,
+    VOCAB_SIZE,
+    resolve_generator_config,
+    resolve_loader_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +98,6 @@ def ocr_name(split: str) -> str:
 # --- the synthetic world ------------------------------------------------------------------------
 
 # Open Images labels, as image_classes[0] holds in real TextCaps
-CLASSES = ("Bottle", "Book", "Car", "Building", "Food", "Clothing", "Person", "Poster", "Mobile phone", "Tree")
-N_CLASSES = len(CLASSES)
 SHAPES = ("circle", "square", "triangle", "cross", "ring")  # one per visual pair c // 2
 OBJECT_COLOURS = ((215, 40, 40), (40, 70, 215), (25, 150, 55), (235, 135, 15), (135, 45, 175))
 TEXT_WORDS = (  # one word set per text pair c % 5
@@ -107,11 +117,6 @@ STYLE_TINTS = (
 BRANDS = ("acme", "zeta", "nova", "orbit", "pixel", "delta", "lumen", "vista", "polar", "ember")
 EXTRA_LABELS = ("Text", "Font", "Signage", "Advertising", "Logo")
 GROUP_NAMES = ("majority", "minority")
-CAPTION_TEMPLATES = (
-    "{a_style} sign that says {words}",
-    "a sign with the words {words} on {a_style} background",
-    "a picture of {a_style} board reading {words}",
-)
 
 
 def visual_pair(c: int) -> int:
@@ -120,54 +125,6 @@ def visual_pair(c: int) -> int:
 
 def text_pair(c: int) -> int:
     return c % 5
-
-
-DEFAULT_GENERATOR = {
-    "seed": 0,
-    "n_train": 3000,
-    "n_val": 1000,
-    "n_test": 1000,
-    "image_size": 64,
-    # share of each class's train images whose style is the class's own; null: no correlation anywhere
-    "majority_frac": 0.9,
-    "text_keep": 0.6,  # the class's word is on the sign
-    "text_distractor": 0.2,  # a word of another text pair instead (else no class word)
-    "colour_keep": 0.7,  # the object has its visual pair's colour (else another one)
-    "brand_keep": 1.0,  # the style's brand word is on the sign
-    "ocr_miss": 0.05,  # each rendered word is missing from the OCR record
-    "noise": 10.0,  # std of per-pixel background noise, in 0..255 units
-    "captions_per_image": 2,
-}
-
-
-def resolve_generator_config(cfg: dict | None) -> dict:
-    out = copy.deepcopy(DEFAULT_GENERATOR)
-    unknown = sorted(set(cfg or {}) - set(out))
-    if unknown:
-        raise ValueError(f"data.generator: unknown keys {unknown} (known: {sorted(out)})")
-    out.update(copy.deepcopy(cfg or {}))
-    for key in ("n_train", "n_val", "n_test"):
-        if int(out[key]) < 0:
-            raise ValueError(f"data.generator.{key}: must be >= 0, got {out[key]}")
-        out[key] = int(out[key])
-    if int(out["n_train"]) < N_CLASSES:
-        raise ValueError(f"data.generator.n_train: need at least {N_CLASSES} (one per class), got {out['n_train']}")
-    if int(out["image_size"]) < 32:
-        raise ValueError(f"data.generator.image_size: must be >= 32 (the sign needs room), got {out['image_size']}")
-    mf = out["majority_frac"]
-    if mf is not None and not 0.0 <= float(mf) <= 1.0:
-        raise ValueError(f"data.generator.majority_frac: must be in [0, 1] or null, got {mf}")
-    for key in ("text_keep", "text_distractor", "colour_keep", "brand_keep", "ocr_miss"):
-        if not 0.0 <= float(out[key]) <= 1.0:
-            raise ValueError(f"data.generator.{key}: must be in [0, 1], got {out[key]}")
-    if float(out["text_keep"]) + float(out["text_distractor"]) > 1.0:
-        raise ValueError("data.generator: text_keep + text_distractor must be <= 1")
-    if not 1 <= int(out["captions_per_image"]) <= len(CAPTION_TEMPLATES):
-        raise ValueError(
-            f"data.generator.captions_per_image: must be in 1..{len(CAPTION_TEMPLATES)} (one per caption template), "
-            f"got {out['captions_per_image']}"
-        )
-    return out
 
 
 def fingerprint(cfg: dict) -> str:
@@ -432,30 +389,6 @@ def generate(out_dir: Path, cfg: dict | None = None) -> dict:
 
 
 # --- loaders ------------------------------------------------------------------------------------
-
-DEFAULT_LOADER = {
-    "format": "auto",  # auto | json | parquet
-    "image_root": None,  # where image_path is relative to (json); default: the data root
-    "ocr_dir": None,  # where the Rosetta OCR files are; default: the data root
-    "num_classes": 10,  # top-k of image_classes[0] over the train split
-    "classes": None,  # an explicit class list instead of the top-k
-    "image_size": 64,  # images are resized to image_size x image_size
-    "threads": 1,  # image decoding threads
-}
-
-
-def resolve_loader_config(cfg: dict | None) -> dict:
-    out = copy.deepcopy(DEFAULT_LOADER)
-    # the trainer's data section carries more keys (source, generator, text, ...): take ours only
-    out.update({k: copy.deepcopy(v) for k, v in (cfg or {}).items() if k in DEFAULT_LOADER})
-    if out["format"] not in ("auto", "json", "parquet"):
-        raise ValueError(f"data.format: expected auto, json or parquet, got {out['format']!r}")
-    if int(out["num_classes"]) < 1:
-        raise ValueError(f"data.num_classes: must be >= 1, got {out['num_classes']}")
-    if int(out["image_size"]) < 8:
-        raise ValueError(f"data.image_size: must be >= 8, got {out['image_size']}")
-    return out
-
 
 @dataclass
 class Records:
@@ -842,11 +775,8 @@ def load_splits(root: Path, cfg: dict | None = None, splits: Sequence[str] = SPL
 
 # --- text as character ids ------------------------------------------------------------------------
 
-# id 0 = padding, 1 = a character outside the alphabet; text is lower-cased first
-ALPHABET = " abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'\"-&/()@#$%*+=|"
-VOCAB_SIZE = len(ALPHABET) + 2
+# id 0 = padding, 1 = a character outside the alphabet (data_config.ALPHABET); text is lower-cased first
 _CHAR_IDS = {ch: i + 2 for i, ch in enumerate(ALPHABET)}
-TEXT_SOURCES = ("ocr", "caption", "both")
 
 
 def text_of(ocr_tokens: Sequence[str], captions: Sequence[str], source: str) -> str:
@@ -877,7 +807,7 @@ def encode_texts(texts: Sequence[str], max_len: int) -> torch.Tensor:
 
 # --- dataset ---------------------------------------------------------------------------------------
 
-MODES = ("expand", "spurious")
+
 
 
 class TextCapsDataset(Dataset):

@@ -28,21 +28,20 @@ import torchvision
 from torch import nn
 
 from tunewise.runs import CheckpointError, load_checkpoint
+from tunewise.trainers.textcaps.encoder_specs import (  # noqa: F401  (the names tests and the trainer import here)
+    MODALITIES,
+    TEXT_ENCODERS,
+    TEXT_KEYS,
+    VISUAL_ENCODERS,
+    VISUAL_KEYS,
+    check_encoder_spec,
+    check_fusion,
+    check_weights,
+    combined_part,
+)
 
-VISUAL_ENCODERS = ("resnet18", "resnet34", "small_cnn")
-TEXT_ENCODERS = ("mlp_text", "char_cnn_text", "transformer_text")
-MODALITIES = ("visual", "text", "combined")
-FUSIONS = ("concat", "sum")
-
-# ImageNet statistics: what torchvision's pretrained ResNets expect
 _MEAN = (0.485, 0.456, 0.406)
 _STD = (0.229, 0.224, 0.225)
-
-_IMAGENET_ERROR = (
-    "weights: 'imagenet' would download ImageNet weights, and nothing can be downloaded here. Save a "
-    "torchvision {arch} state dict on a machine that has it (torch.save(torchvision.models.{arch}("
-    "weights='IMAGENET1K_V1').state_dict(), 'resnet.pt')) and pass its path as weights, or use weights: none."
-)
 
 
 class Encoder(nn.Module):
@@ -148,13 +147,8 @@ class VisualEncoder(Encoder):
             self.trunk, n_features = _small_cnn(int(width))
         else:
             self.trunk, n_features = _resnet(arch)
-        weights = "none" if weights is None else weights
-        if str(weights).lower() == "imagenet":
-            if arch == "small_cnn":
-                raise ValueError("weights: small_cnn has no ImageNet weights; use none or a path to its own state dict")
-            raise ValueError(_IMAGENET_ERROR.format(arch=arch))
         # the ResNet trunk is pretrained-able even when it starts from scratch; small_cnn only when loaded
-        self.pretrained = str(weights).lower() != "none"
+        self.pretrained = check_weights(arch, weights)
         if self.pretrained:
             load_trunk_weights(self.trunk, weights, arch)
         self.project = _projection(n_features, self.latent_dim, dropout)
@@ -294,8 +288,7 @@ class CombinedEncoder(Encoder):
 
     def __init__(self, visual: Encoder, text: Encoder, latent_dim: int, fusion: str = "concat"):
         super().__init__()
-        if fusion not in FUSIONS:
-            raise ValueError(f"fusion: unknown fusion {fusion!r} (expected one of {', '.join(FUSIONS)})")
+        check_fusion(fusion)
         self.visual, self.text, self.latent_dim, self.fusion = visual, text, int(latent_dim), fusion
         self.fuse = nn.Linear(2 * self.latent_dim, self.latent_dim) if fusion == "concat" else None
 
@@ -316,21 +309,6 @@ class CombinedEncoder(Encoder):
 
 
 # ---------------------------------------------------------------- factory
-
-_VISUAL_KEYS = {"weights", "width"}
-_TEXT_KEYS = {
-    "mlp_text": {"hidden"},
-    "char_cnn_text": {"embed_dim", "channels", "kernel_sizes"},
-    "transformer_text": {"embed_dim", "heads", "layers", "ff"},
-}
-_GROUP_KEYS = {"name", "modality", "encoder"}
-
-
-def _check_keys(spec: Mapping, allowed: set[str], where: str) -> None:
-    unknown = sorted(set(spec) - allowed)
-    if unknown:
-        raise ValueError(f"{where}: unknown keys {unknown} (allowed: {sorted(allowed)})")
-
 
 def _options(spec: Mapping, keys: set[str]) -> dict:
     return {k: spec[k] for k in keys if k in spec}
@@ -356,45 +334,22 @@ def build_encoder(
     `vocab_size` (ids 0..vocab_size-1, 0 = padding) is required for text encoders, `max_len` for
     transformer_text. Unknown keys raise, so a typo in the config is not silently ignored.
     """
-    modality = spec.get("modality")
-    where = f"groups[{spec.get('name', '?')}]"
-    if modality not in MODALITIES:
-        raise ValueError(f"{where}.modality: expected one of {', '.join(MODALITIES)}, got {modality!r}")
+    check_encoder_spec(spec, vocab_size=vocab_size, max_len=max_len)
+    modality, name = spec["modality"], spec.get("encoder")
     if modality == "combined":
-        _check_keys(spec, _GROUP_KEYS | {"visual", "text", "fusion"}, where)
-        parts = {}
-        for part in ("visual", "text"):
-            sub = spec.get(part)
-            if sub is None:
-                raise ValueError(f"{where}.{part}: a combined group needs a {part} encoder spec")
-            sub = {"encoder": sub} if isinstance(sub, str) else dict(sub)
-            parts[part] = build_encoder(
-                {"name": f"{spec.get('name', '?')}.{part}", "modality": part, **sub},
-                latent_dim,
-                dropout,
-                vocab_size=vocab_size,
-                max_len=max_len,
-                channels_last=channels_last,
-            )
+        parts = {
+            part: build_encoder(combined_part(spec, part), latent_dim, dropout, vocab_size=vocab_size, max_len=max_len,
+                                channels_last=channels_last)
+            for part in ("visual", "text")
+        }
         return CombinedEncoder(parts["visual"], parts["text"], latent_dim, spec.get("fusion", "concat"))
-    name = spec.get("encoder")
     if modality == "visual":
-        if name not in VISUAL_ENCODERS:
-            raise ValueError(f"{where}.encoder: expected one of {', '.join(VISUAL_ENCODERS)}, got {name!r}")
-        _check_keys(spec, _GROUP_KEYS | _VISUAL_KEYS, where)
-        return VisualEncoder(name, latent_dim, dropout, channels_last=channels_last, **_options(spec, _VISUAL_KEYS))
-    if name not in TEXT_ENCODERS:
-        raise ValueError(f"{where}.encoder: expected one of {', '.join(TEXT_ENCODERS)}, got {name!r}")
-    _check_keys(spec, _GROUP_KEYS | _TEXT_KEYS[name], where)
-    if vocab_size is None or int(vocab_size) < 2:
-        raise ValueError(f"{where}: text encoders need vocab_size >= 2 (padding id 0 plus characters), got {vocab_size}")
-    options = _options(spec, _TEXT_KEYS[name])
+        return VisualEncoder(name, latent_dim, dropout, channels_last=channels_last, **_options(spec, VISUAL_KEYS))
+    options = _options(spec, TEXT_KEYS[name])
     if name == "mlp_text":
         return MLPText(vocab_size, latent_dim, dropout, **options)
     if name == "char_cnn_text":
         return CharCNNText(vocab_size, latent_dim, dropout, **options)
-    if max_len is None:
-        raise ValueError(f"{where}: transformer_text needs max_len (the padded text length)")
     return TransformerText(vocab_size, latent_dim, max_len, dropout, **options)
 
 

@@ -22,8 +22,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-UPDATE_MODES = ("plain", "exp_smooth")
-OBJECTIVES = ("weighted", "max")
+from tunewise.trainers.textcaps.options import OBJECTIVES, UPDATE_MODES  # noqa: E402,F401  (re-exported)
 
 
 def group_mean_losses(losses: torch.Tensor, groups: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,7 +16,6 @@ whose sizes are known without a device sync.
 from __future__ import annotations
 
 import copy
-import math
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -26,87 +25,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunewise.runs import CONFUSION_FILE, read_json, write_json
-from tunewise.train.optim import OPTIMIZERS, SCHEDULES
-from tunewise.trainers.base import check_data_source, data_root
+from tunewise.trainers.base import data_root
 from tunewise.trainers.textcaps import data as tc_data
-from tunewise.trainers.textcaps.anchors import SEP_METHODS, GaussianAnchors, anchor_losses, build_head
-from tunewise.trainers.textcaps.encoders import MODALITIES, backbone_prefixes, build_encoder
-from tunewise.trainers.textcaps.groupdro import OBJECTIVES, UPDATE_MODES, GroupDRO, group_mean_losses
-
-DEFAULT_DATA = {
-    "source": "embedded",  # embedded (the generator) | path (TextCaps JSON or parquet under data.path)
-    "path": None,
-    "generator": copy.deepcopy(tc_data.DEFAULT_GENERATOR),
-    # loader keys (tc_data.DEFAULT_LOADER)
-    "format": "auto",
-    "image_root": None,
-    "ocr_dir": None,
-    "num_classes": 10,
-    "classes": None,
-    "image_size": 64,
-    "threads": 1,
-    # groups: spurious = the generator's slices through one shared encoder; expand = one sample per image
-    # per group, e.g. [{name: image, modality: visual}, {name: text, modality: text}, {name: both, modality: combined}]
-    "mode": "spurious",
-    "groups": [{"name": "majority"}, {"name": "minority"}],
-    "text_source": "ocr",  # ocr | caption | both
-    "max_len": 48,
-    "augment": 0.0,  # random translation of train images by up to this fraction of the image size
-}
-
-DEFAULT_CONFIG = {
-    "data": DEFAULT_DATA,
-    "model": {
-        "latent_dim": 64,
-        "head_hidden": 64,  # 0: linear head
-        "dropout": 0.1,
-        "visual": {"encoder": "small_cnn", "width": 16},  # resnet18 | resnet34 | small_cnn (+ weights: none|<path>)
-        "text": {"encoder": "mlp_text"},  # mlp_text | char_cnn_text | transformer_text
-        "fusion": "concat",  # combined encoders: concat | sum
-        "shared_encoder": "combined",  # one encoder of this modality for every group; null: one per group
-    },
-    "anchors": {
-        "enabled": True,
-        "anchor_eps": 1e-4,
-        "lambda_fit": 1e-3,
-        "lambda_sep": 1e-3,
-        "sep_method": "classifier",  # classifier | w2_margin
-        "sep_samples_per_class": 16,
-        "margin": 1.0,  # w2_margin only
-    },
-    "groupdro": {
-        "enabled": True,
-        "eta": 0.01,
-        "gamma": 0.9,
-        "update_mode": "exp_smooth",  # plain | exp_smooth
-        "adjustment": 0.0,  # C in C / sqrt(n_g)
-        "warmup_epochs": 2,
-        "objective": "weighted",  # weighted | max
-    },
-    "optim": {
-        "name": "adam",
-        "lr": 1e-3,
-        "lr_backbone": None,  # pretrainable trunks (ResNet, or a trunk loaded from a path); null: lr
-        "lr_new": None,  # everything else; null: lr
-        "weight_decay": 1e-4,
-        "momentum": 0.9,
-        "param_groups": {},
-    },
-    "schedule": {"name": "none", "warmup_epochs": 0, "lr_end_factor": 0.01, "step_size": 10, "gamma": 0.1, "patience": 3},
-    "train": {
-        "epochs": 12,
-        "batch_size": 64,
-        # off by default: gradient norms run 3-8 here, so a bound of 1 clipped every step after warm-up and
-        # hid the learning rate from the diagnosis (methods.md: clip at the 90th percentile when needed)
-        "grad_clip": None,
-        "patience": None,
-        "min_delta": 0.0,
-        "amp": "auto",
-        "workers": 0,  # DataLoader workers gathering batches (0: in the training process)
-        "eval_train_samples": 1000,  # train metrics on a fixed subset: the gap needs them, not all rows
-        "eval_batch_size": 500,
-    },
-}
+from tunewise.trainers.textcaps.anchors import GaussianAnchors, anchor_losses, build_head
+from tunewise.trainers.textcaps.encoders import backbone_prefixes, build_encoder
+from tunewise.trainers.textcaps.groupdro import GroupDRO, group_mean_losses
+from tunewise.trainers.textcaps.spec import (  # noqa: F401  (re-exported: trainer.py was their home)
+    DEFAULT_CONFIG,
+    DEFAULT_DATA,
+    TextCapsSpec,
+    _naming_specs,
+    encoder_spec,
+    model_encoder_specs,
+)
 
 
 def confusion_matrix(logits: torch.Tensor, labels: torch.Tensor, n_classes: int) -> list[list[int]]:
@@ -118,22 +49,6 @@ def confusion_matrix(logits: torch.Tensor, labels: torch.Tensor, n_classes: int)
 def metric_name(text: str) -> str:
     """A class or group name as a metric-name part ("Mobile phone" -> "mobile_phone")."""
     return re.sub(r"[^0-9a-z_.-]+", "_", str(text).lower()).strip("_") or "unnamed"
-
-
-def _group_has_own_spec(group: dict) -> bool:
-    return bool(set(group) - {"name", "modality"})
-
-
-def encoder_spec(modality: str, model_cfg: dict, name: str) -> dict:
-    """The build_encoder spec of a modality from model.visual / model.text / model.fusion."""
-    if modality == "visual":
-        return {"name": name, "modality": "visual", **model_cfg["visual"]}
-    if modality == "text":
-        return {"name": name, "modality": "text", **model_cfg["text"]}
-    if modality == "combined":
-        return {"name": name, "modality": "combined", "fusion": model_cfg.get("fusion", "concat"),
-                "visual": dict(model_cfg["visual"]), "text": dict(model_cfg["text"])}
-    raise ValueError(f"modality: expected one of {', '.join(MODALITIES)}, got {modality!r}")
 
 
 class TextCapsModel(nn.Module):
@@ -177,16 +92,11 @@ class TextCapsModel(nn.Module):
 
 
 def build_model(config: dict, n_classes: int, device=None) -> TextCapsModel:
-    m, groups = config["model"], config["data"]["groups"]
+    m = config["model"]
     latent, dropout = int(m["latent_dim"]), float(m["dropout"])
     channels_last = device is not None and torch.device(device).type == "cuda"
     kw = {"vocab_size": tc_data.VOCAB_SIZE, "max_len": int(config["data"]["max_len"]), "channels_last": channels_last}
-    if m.get("shared_encoder"):
-        modalities = [m["shared_encoder"]]
-        specs = [encoder_spec(m["shared_encoder"], m, "model.shared_encoder")]
-    else:
-        modalities = [g["modality"] for g in groups]
-        specs = [g if _group_has_own_spec(g) else encoder_spec(g["modality"], m, g["name"]) for g in groups]
+    modalities, specs = zip(*model_encoder_specs(config))
     encoders = [build_encoder(spec, latent, dropout, **kw) for spec in specs]
     head = build_head(latent, n_classes, int(m["head_hidden"]), dropout)
     a = config["anchors"]
@@ -242,125 +152,16 @@ def sorted_batch(dataset: tc_data.TextCapsDataset, indices) -> tuple:
     return images, texts, labels, groups, counts
 
 
-class TextCapsTrainer:
-    name = "textcaps"
-    primary_metric = "val/worst_group_acc"
-    direction = "max"
-    knobs = {
-        "lr": "optim.lr",
-        "lr_backbone": "optim.lr_backbone",
-        "weight_decay": "optim.weight_decay",
-        "dropout": "model.dropout",
-        "epochs": "train.epochs",
-        "batch_size": "train.batch_size",
-        "capacity": ["model.latent_dim", "model.head_hidden"],
-        "scheduler": "schedule.name",
-        "warmup": "schedule.warmup_epochs",
-        "grad_clip": "train.grad_clip",
-        "patience": "train.patience",
-        "augmentation": "data.augment",
-        "groupdro_eta": "groupdro.eta",
-        "groupdro_warmup": "groupdro.warmup_epochs",
-        "lambda_fit": "anchors.lambda_fit",
-        "lambda_sep": "anchors.lambda_sep",
-        "text_encoder": "model.text.encoder",
-    }
-    # encoder specs carry encoder-specific keys (width, weights, hidden, channels, ...): build_encoder checks them
-    open_config_keys = {"optim.param_groups", "model.visual", "model.text", "data.classes"}
+class TextCapsTrainer(TextCapsSpec):
+    """The textcaps trainer: TextCapsSpec's settings, and the model, the training and the test evaluation."""
 
-    def default_config(self) -> dict:
-        return copy.deepcopy(DEFAULT_CONFIG)
-
-    # --- config ---------------------------------------------------------------------------------
     def check_config(self, config: dict) -> None:
-        data, m, a, dro = config["data"], config["model"], config["anchors"], config["groupdro"]
-        check_data_source(data)
-        if data["source"] == "path":
-            if not Path(data["path"]).exists():
-                raise FileNotFoundError(f"data.path: not found: {data['path']}")
-        tc_data.resolve_generator_config(data.get("generator"))
-        tc_data.resolve_loader_config(data)
-        if data["mode"] not in tc_data.MODES:
-            raise ValueError(f"data.mode: expected one of {tc_data.MODES}, got {data['mode']!r}")
-        if data["text_source"] not in tc_data.TEXT_SOURCES:
-            raise ValueError(f"data.text_source: expected one of {tc_data.TEXT_SOURCES}, got {data['text_source']!r}")
-        if int(data["max_len"]) < 1:
-            raise ValueError(f"data.max_len: must be >= 1, got {data['max_len']}")
-        if not 0.0 <= float(data["augment"]) < 0.5:
-            raise ValueError(f"data.augment: must be in [0, 0.5), got {data['augment']}")
-        groups = data["groups"]
-        if not isinstance(groups, list) or not groups or not all(isinstance(g, dict) and g.get("name") for g in groups):
-            raise ValueError("data.groups: a non-empty list of {name, modality, ...} entries is required")
-        names = [str(g["name"]) for g in groups]
-        if len(set(names)) != len(names):
-            raise ValueError(f"data.groups: names must be unique, got {names}")
-        shared = m.get("shared_encoder")
-        if shared is not None and shared not in MODALITIES:
-            raise ValueError(f"model.shared_encoder: expected one of {', '.join(MODALITIES)} or null, got {shared!r}")
-        if data["mode"] == "expand" and shared is not None:
-            raise ValueError("model.shared_encoder: expand mode gives each group its own view and encoder; set it to null")
-        if shared is None:
-            for g in groups:
-                if g.get("modality") not in MODALITIES:
-                    raise ValueError(
-                        f"data.groups[{g['name']}].modality: expected one of {', '.join(MODALITIES)} "
-                        f"(each group has its own encoder when model.shared_encoder is null), got {g.get('modality')!r}"
-                    )
-        for key in ("latent_dim",):
-            if int(m[key]) < 1:
-                raise ValueError(f"model.{key}: must be >= 1, got {m[key]}")
-        if int(m["head_hidden"]) < 0:
-            raise ValueError(f"model.head_hidden: must be >= 0, got {m['head_hidden']}")
-        if not 0.0 <= float(m["dropout"]) < 1.0:
-            raise ValueError(f"model.dropout: must be in [0, 1), got {m['dropout']}")
-        if a["sep_method"] not in SEP_METHODS:
-            raise ValueError(f"anchors.sep_method: expected one of {', '.join(SEP_METHODS)}, got {a['sep_method']!r}")
-        for key in ("anchor_eps", "lambda_fit", "lambda_sep", "margin"):
-            if float(a[key]) < 0:
-                raise ValueError(f"anchors.{key}: must be >= 0, got {a[key]}")
-        if int(a["sep_samples_per_class"]) < 1:
-            raise ValueError(f"anchors.sep_samples_per_class: must be >= 1, got {a['sep_samples_per_class']}")
-        if dro["update_mode"] not in UPDATE_MODES:
-            raise ValueError(f"groupdro.update_mode: expected one of {', '.join(UPDATE_MODES)}, got {dro['update_mode']!r}")
-        if dro["objective"] not in OBJECTIVES:
-            raise ValueError(f"groupdro.objective: expected one of {', '.join(OBJECTIVES)}, got {dro['objective']!r}")
-        if float(dro["eta"]) < 0:
-            raise ValueError(f"groupdro.eta: must be >= 0, got {dro['eta']}")
-        if not 0.0 <= float(dro["gamma"]) < 1.0:
-            raise ValueError(f"groupdro.gamma: must be in [0, 1), got {dro['gamma']}")
-        if int(dro["warmup_epochs"]) < 0:
-            raise ValueError(f"groupdro.warmup_epochs: must be >= 0, got {dro['warmup_epochs']}")
-        if config["optim"]["name"] not in OPTIMIZERS:
-            raise ValueError(f"optim.name: expected one of {', '.join(OPTIMIZERS)}, got {config['optim']['name']!r}")
-        for key in ("lr", "lr_backbone", "lr_new"):
-            value = config["optim"].get(key)
-            if (value is not None or key == "lr") and float(value) <= 0:
-                raise ValueError(f"optim.{key}: must be > 0, got {value}")
-        if config["schedule"]["name"] not in SCHEDULES:
-            raise ValueError(f"schedule.name: expected one of {', '.join(SCHEDULES)}, got {config['schedule']['name']!r}")
-        for key in ("epochs", "batch_size", "eval_batch_size"):
-            if int(config["train"][key]) < 1:
-                raise ValueError(f"train.{key}: must be >= 1, got {config['train'][key]}")
-        if int(config["train"]["workers"]) < 0:
-            raise ValueError(f"train.workers: must be >= 0, got {config['train']['workers']}")
-        # the encoder specs: build them once (cheap, no weights are downloaded) so a typo fails here
-        try:
-            with torch.random.fork_rng(devices=[]):  # a check must not move the caller's RNG
-                build_model(config, 2)
-        except (ValueError, FileNotFoundError) as e:
-            where = "model.shared_encoder" if shared else "data.groups"
-            raise type(e)(f"{where} / model.visual / model.text: {e}") from None
-
-    def search_space(self) -> dict:
-        return {
-            "optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
-            "optim.weight_decay": {"type": "float", "low": 1e-6, "high": 1e-2, "log": True},
-            "model.dropout": {"type": "float", "low": 0.0, "high": 0.5},
-            "groupdro.eta": {"type": "float", "low": 1e-3, "high": 1e-1, "log": True},
-            "groupdro.warmup_epochs": {"type": "int", "low": 0, "high": 5},
-            "anchors.lambda_fit": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True},
-            "train.batch_size": {"type": "categorical", "choices": [32, 64, 128]},
-        }
+        """TextCapsSpec's checks, then the model built once (cheap, nothing is downloaded), so that what only
+        the weights tell (a state dict that does not fit its trunk, a truncated file) fails at data preparation,
+        before any training."""
+        super().check_config(config)
+        with _naming_specs(config), torch.random.fork_rng(devices=[]):  # a check must not move the caller's RNG
+            build_model(config, 2)
 
     def prepare_data(self, data_cfg: dict, out_dir: Path, threads: int) -> dict:
         if data_cfg["source"] == "embedded":

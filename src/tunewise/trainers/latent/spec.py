@@ -1,0 +1,87 @@
+"""The latent trainer's declarative side: its name, metric, knobs, default config, checks and search space.
+
+Torch-free (numpy and pandas at most), so that validating a config at the Snakefile parse and the light jobs
+that read a trainer's knobs never import torch; trainer.py adds the training on top.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from tunewise.trainers.base import check_data_source
+from tunewise.trainers.latent import data as latent_data
+from tunewise.trainers.latent.design_settings import DEFAULT_DESIGN, check_design_config
+
+DEFAULT_CONFIG = {
+    "data": latent_data.DEFAULT_DATA,
+    "model": {"hidden": 256, "latent_dim": 64, "depth": 2, "dropout": 0.0, "head_hidden": 64, "tanh_latent": False},
+    "loss": {"recon_weight": 0.5, "task_weights": None},
+    "optim": {"name": "adam", "lr": 1e-3, "weight_decay": 0.0, "momentum": 0.9, "param_groups": {}},
+    "schedule": {"name": "none", "warmup_epochs": 0, "lr_end_factor": 0.01, "step_size": 10, "gamma": 0.1, "patience": 3},
+    "train": {
+        "epochs": 30,
+        "batch_size": 256,
+        "grad_clip": None,
+        "patience": None,
+        "min_delta": 0.0,
+        "amp": "auto",
+        "eval_train_samples": 4096,  # train metrics on a fixed subset: the gap needs them, not all rows
+    },
+    "design": DEFAULT_DESIGN,
+}
+DESIGN_METRICS = ("design/validated_score", "design/best_score", "design/off_manifold_rate", "design/ok_rate")
+
+
+class LatentSpec:
+    name = "latent"
+    primary_metric = "val/r2_mean"
+    direction = "max"
+    knobs = {
+        "lr": "optim.lr",
+        "weight_decay": "optim.weight_decay",
+        "dropout": "model.dropout",
+        "epochs": "train.epochs",
+        "batch_size": "train.batch_size",
+        "capacity": ["model.hidden", "model.latent_dim"],
+        "scheduler": "schedule.name",
+        "warmup": "schedule.warmup_epochs",
+        "grad_clip": "train.grad_clip",
+        "patience": "train.patience",
+        "augmentation": "data.noise",
+        "recon_weight": "loss.recon_weight",
+        # the design's own knobs: tuned when the metric is a design metric (design/validated_score)
+        "restarts": "design.restarts",
+        "design_lr": "design.lr",
+        "design_steps": "design.steps",
+        "design_l2": "design.l2",
+        "alpha": "design.alpha",
+    }
+    open_config_keys = {"optim.param_groups", "data.split", "loss.task_weights", "design.bounds"}
+
+    def default_config(self) -> dict:
+        return copy.deepcopy(DEFAULT_CONFIG)
+
+    def check_config(self, config: dict) -> None:
+        data = config["data"]
+        check_data_source(data)
+        if data["source"] == "path":
+            if not Path(data["path"]).exists():
+                raise FileNotFoundError(f"data.path: file not found: {data['path']}")
+        if not data["targets"]:
+            raise ValueError("data.targets: at least one target column is required")
+        latent_data.check_split({**latent_data.DEFAULT_DATA["split"], **(data.get("split") or {})})
+        for key in ("epochs", "batch_size"):
+            if int(config["train"][key]) < 1:
+                raise ValueError(f"baseline.train.{key}: must be >= 1, got {config['train'][key]}")
+        if float(config["optim"]["lr"]) <= 0:
+            raise ValueError(f"baseline.optim.lr: must be > 0, got {config['optim']['lr']}")
+        check_design_config(config["design"], list(data["targets"]))
+
+    def search_space(self) -> dict:
+        return {
+            "optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+            "optim.weight_decay": {"type": "float", "low": 1e-6, "high": 1e-2, "log": True},
+            "model.dropout": {"type": "float", "low": 0.0, "high": 0.5},
+            "model.hidden": {"type": "categorical", "choices": [128, 256, 512]},
+            "train.batch_size": {"type": "categorical", "choices": [128, 256, 512]},
+        }
