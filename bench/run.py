@@ -153,13 +153,30 @@ def _time_cmd(cmd: list[str], repeats: int) -> float:
 
 
 def bench_job(repeats: int = 5) -> list[dict]:
+    """The fixed cost every job and every Snakefile parse pays before it works, against bare Python."""
     tunewise = str(Path(sys.executable).with_name("tunewise"))
+    snakemake = str(Path(sys.executable).with_name("snakemake"))
     bare = _time_cmd([sys.executable, "-c", "pass"], repeats)
-    help_ = _time_cmd([tunewise, "--help"], repeats)
-    validate = _time_cmd([tunewise, "validate", "config/test.yaml"], repeats)
+    with tempfile.TemporaryDirectory() as tmp:
+        dry = _time_cmd([snakemake, "-n", "--cores", "2", "-s", str(REPO / "Snakefile"), "-d", tmp,
+                         "--configfile", str(REPO / "config" / "config.yaml")], repeats)
+        resolve = _time_cmd([tunewise, "resolve", "--config", "config/config.yaml", "--experiment", "latent_mp",
+                             "--out", str(Path(tmp) / "experiment.yaml")], repeats)
+    validate = _time_cmd([tunewise, "validate", "config/config.yaml"], repeats)
+    # what a light job that logs (diagnose) and a training job load before their first line of work
+    light = _time_cmd([sys.executable, "-c", "import tunewise.phases.diagnose, tunewise.reports.render, "
+                       "tunewise.phases.tracked, mlflow"], repeats)
+    train = _time_cmd([sys.executable, "-c", "import tunewise.phases.train, mlflow; from tunewise.trainers import "
+                       "get_trainer; get_trainer('latent')"], repeats)
     return [
-        _row("job", "`tunewise --help` vs `python -c pass`", help_, bare, "s"),
-        _row("job", "`tunewise validate config/test.yaml` (imports torch) vs `python -c pass`", validate, bare, "s"),
+        _row("job", "`snakemake -n` on config/config.yaml vs `python -c pass`", dry, bare, "s",
+             "<= 4 s", dry <= 4.0),
+        _row("job", "`tunewise validate config/config.yaml` (no torch) vs `python -c pass`", validate, bare, "s",
+             "<= 2 s above", validate - bare <= 2.0),
+        _row("job", "light job `tunewise resolve` vs `python -c pass`", resolve, bare, "s",
+             "<= 2 s above", resolve - bare <= 2.0),
+        _row("job", "imports of a light job that logs (diagnose: phases, reports, mlflow) vs bare", light, bare, "s"),
+        _row("job", "imports of a training job (phases.train, mlflow, latent trainer: torch) vs bare", train, bare, "s"),
     ]
 
 
