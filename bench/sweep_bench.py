@@ -33,7 +33,8 @@ EXP = {
 # --- sweep: TPE + pruning vs random search ------------------------------------------------------
 
 def _experiment(tmp: Path) -> tuple[dict, object]:
-    from tunewise.config import resolve_experiment, validate_schema
+    from tunewise.config import validate_schema
+    from tunewise.experiment import resolve_experiment
     from tunewise.trainers import get_trainer
 
     cfg = validate_schema({"experiments": {"bench": EXP}})

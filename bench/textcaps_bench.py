@@ -33,7 +33,8 @@ from table import row  # noqa: E402  (bench/ is on sys.path when run.py runs)
 
 
 def _experiment(data_dir: Path) -> dict:
-    from tunewise.config import resolve_experiment, validate_schema
+    from tunewise.config import validate_schema
+    from tunewise.experiment import resolve_experiment
 
     exp = resolve_experiment(validate_schema({"experiments": {"tc": {"trainer": "textcaps"}}}), "tc")
     exp["baseline"]["data"]["prepared_dir"] = str(data_dir)

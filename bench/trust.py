@@ -192,7 +192,8 @@ def _job(task: tuple):
 
 def _latent_base(tmp: Path) -> dict:
     """latent_tiny's baseline config, resolved as the workflow resolves it, with its data prepared in `tmp`."""
-    from tunewise.config import load_yaml, resolve_experiment, validate_schema
+    from tunewise.config import load_yaml, validate_schema
+    from tunewise.experiment import resolve_experiment
     from tunewise.trainers.latent.data import prepare
 
     exp = resolve_experiment(validate_schema(load_yaml(REPO / "config" / "test.yaml")), EXPERIMENT)

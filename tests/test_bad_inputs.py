@@ -105,7 +105,8 @@ def _prepare(exp_file: Path):
 
 
 def _config(tmp_path, monkeypatch, file: Path):
-    from tunewise.config import load_yaml, validate
+    from tunewise.config import load_yaml
+    from tunewise.experiment import validate
 
     monkeypatch.chdir(REPO)  # a config's relative paths start where the workflow runs
     return _raised(lambda: validate(load_yaml(file)))
@@ -129,7 +130,7 @@ def _textcaps_load(tmp_path, monkeypatch, file: Path):
 
 
 def _pez_resolve(tmp_path, monkeypatch, file: Path):
-    from tunewise.config import validate
+    from tunewise.experiment import validate
 
     data = tmp_path / "shapes"
     data.mkdir()

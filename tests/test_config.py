@@ -3,7 +3,8 @@ import copy
 import pytest
 import yaml
 
-from tunewise.config import ConfigError, config_hash, deep_merge, load_yaml, parse_override, resolve_experiment, validate
+from tunewise.config import ConfigError, config_hash, deep_merge, load_yaml, parse_override
+from tunewise.experiment import resolve_experiment, validate
 
 
 def base_config(**exp):
@@ -109,7 +110,7 @@ def test_design_block_on_a_trainer_without_design_is_refused():
 
 
 def test_design_enabled_only_for_a_trainer_with_design_left_on():
-    from tunewise.config import design_enabled
+    from tunewise.experiment import design_enabled
 
     assert design_enabled(resolve_experiment(validate(_latent()), "m"))
     assert not design_enabled(resolve_experiment(validate(_latent(design={"enabled": False})), "m"))

@@ -54,3 +54,63 @@ def test_a_builtin_trainer_is_its_spec_plus_training(name):
     assert trainer.default_config() == spec.default_config()
     assert trainer.search_space() == spec.search_space()
     assert getattr(trainer, "diagnosis_thresholds", None) == getattr(spec, "diagnosis_thresholds", None)
+
+
+# --- the import order: runs/config <- trainers <- experiment <- phases <- reports <- cli ---------------------
+
+SRC = __import__("pathlib").Path(__file__).resolve().parents[1] / "src"
+LAYERS = {  # a module may import its own layer and the layers below, never one above
+    "tunewise": 0, "runs": 0, "config": 0, "space": 0, "devices": 0, "tracking": 0,
+    "train": 1, "trainers": 1,
+    "experiment": 2,
+    "phases": 3,
+    "reports": 4,
+    "cli": 5,
+}
+
+
+def _modules() -> dict:
+    out = {}
+    for path in (SRC / "tunewise").rglob("*.py"):
+        parts = path.relative_to(SRC).with_suffix("").parts
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+def _imports(name: str, path, modules: dict, top_level_only: bool) -> set[str]:
+    import ast
+
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    found = set()
+    for node in (tree.body if top_level_only else ast.walk(tree)):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+    return {m for m in found if m in modules and m != name}
+
+
+def _layer(module: str) -> int:
+    parts = module.split(".")
+    return LAYERS[parts[1] if len(parts) > 1 else parts[0]]
+
+
+def test_every_module_has_a_layer_and_imports_none_above_it():
+    modules = _modules()
+    upward = []
+    for name, path in sorted(modules.items()):
+        for target in sorted(_imports(name, path, modules, top_level_only=False)):  # lazy imports count too
+            if _layer(target) > _layer(name):
+                upward.append(f"{name} -> {target}")
+    assert upward == []
+
+
+def test_no_import_cycle_between_modules():
+    import graphlib
+
+    modules = _modules()
+    graph = {name: _imports(name, path, modules, top_level_only=True) for name, path in modules.items()}
+    # a package's __init__ is imported on the way to its submodules: that is not a cycle of their own making
+    graph = {name: {t for t in targets if not name.startswith(t + ".")} for name, targets in graph.items()}
+    graphlib.TopologicalSorter(graph).prepare()  # raises CycleError naming the cycle

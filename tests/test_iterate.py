@@ -7,12 +7,13 @@ import pytest
 import torch
 import yaml
 
-from tunewise.config import dump_yaml, load_yaml, resolve_experiment, validate_schema
+from tunewise.config import commented_config, dump_yaml, load_yaml, validate_schema
+from tunewise.experiment import resolve_experiment
 from tunewise.phases import iterate
 from tunewise.phases.iterate import decide_round, run_round, write_summary
 from tunewise.phases.recommend import apply_patch
 from tunewise.reports.iterative import iterative_context
-from tunewise.reports.render import commented_config, render
+from tunewise.reports.render import render
 from tunewise.runs import RunDir, atomic_write_text, read_json, write_json
 from tunewise.trainers.base import NonFiniteLoss
 from toy_trainer import ToyTrainer

@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 import yaml
 
+from tunewise.config import commented_config
 from tunewise.reports import plots
 from tunewise.reports.render import (
-    commented_config,
     fmt,
     pct,
     write_checklist,

@@ -37,7 +37,8 @@ def test_history_of_a_run_without_epochs_is_an_empty_frame(tmp_path):
 def test_diagnosis_plan_applies_the_overrides_that_change_something(tmp_path):
     import torch
 
-    from tunewise.config import resolve_experiment, validate_schema
+    from tunewise.config import validate_schema
+    from tunewise.experiment import resolve_experiment
     from tunewise.phases.diagnose import plan
     from toy_trainer import ToyTrainer
 

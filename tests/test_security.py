@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tunewise.config import ConfigError, validate
+from tunewise.config import ConfigError
+from tunewise.experiment import validate
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = sorted((REPO / "src").rglob("*.py")) + sorted((REPO / "bench").rglob("*.py"))

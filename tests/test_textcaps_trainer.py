@@ -5,7 +5,8 @@ import pandas as pd
 import pytest
 import torch
 
-from tunewise.config import ConfigError, validate
+from tunewise.config import ConfigError
+from tunewise.experiment import validate
 from tunewise.runs import RunDir, read_json
 from tunewise.trainers import get_trainer
 from tunewise.trainers.textcaps.trainer import TextCapsTrainer, _translate, build_model

@@ -32,14 +32,16 @@ def _exp_dir(args) -> Path:
 
 
 def cmd_validate(args) -> None:
-    from tunewise.config import load_yaml, validate
+    from tunewise.config import load_yaml
+    from tunewise.experiment import validate
 
     cfg = validate(load_yaml(args.config))
     print(f"{args.config}: valid ({', '.join(cfg['experiments'])})")
 
 
 def cmd_resolve(args) -> None:
-    from tunewise.config import dump_yaml, load_yaml, resolve_experiment, validate_schema
+    from tunewise.config import dump_yaml, load_yaml, validate_schema
+    from tunewise.experiment import resolve_experiment
     from tunewise.runs import atomic_write_text
 
     raw = json.loads(args.config_json) if args.config_json else load_yaml(args.config)

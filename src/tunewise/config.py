@@ -6,7 +6,6 @@ was expected, so a bad config stops the workflow before any job runs.
 from __future__ import annotations
 
 import copy
-import difflib
 import hashlib
 import json
 import os
@@ -17,7 +16,6 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
-IMPLEMENTED_STRATEGIES = {"auto", "targeted", "sweep", "iterative", "none"}
 
 
 class ConfigError(ValueError):
@@ -138,151 +136,81 @@ def validate_schema(config: Any) -> dict:
 
 # --- trainer-aware checks ----------------------------------------------------------------
 
-_NUMBER = (int, float)
-
-
-def _type_ok(default: Any, value: Any) -> bool:
-    if default is None or value is None:
-        return True  # None defaults mean "optional / any"; None values mean "off"
-    if isinstance(default, bool):
-        return isinstance(value, bool)
-    if isinstance(default, _NUMBER):
-        return isinstance(value, _NUMBER) and not isinstance(value, bool) and (
-            isinstance(default, float) or isinstance(value, int)
-        )
-    if isinstance(default, str):
-        return isinstance(value, str)
-    if isinstance(default, list):
-        return isinstance(value, list)
-    if isinstance(default, dict):
-        return isinstance(value, dict)
-    return True
-
-
-def _check_against_defaults(values: dict, defaults: dict, where: str, open_keys: set[str], key_path: str = "") -> None:
-    """Unknown keys and wrong types against the trainer's defaults. `key_path` is the trainer-config key of
-    `values` (e.g. "optim"); an open key's value (a user-named mapping, or a value of several shapes such as
-    design.bounds) is left to the trainer's check_config."""
-    for key, value in values.items():
-        dotted = f"{where}.{key}"
-        rel = f"{key_path}.{key}" if key_path else key
-        if key not in defaults:
-            close = difflib.get_close_matches(key, list(defaults), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"{dotted}: unknown key{hint}; known keys: {', '.join(sorted(defaults))}")
-        default, is_open = defaults[key], rel in open_keys
-        # an open mapping must still be a mapping; an open scalar may take any shape
-        if not _type_ok(default, value) and not (is_open and not isinstance(default, dict)):
-            expected = "number" if isinstance(default, float) else type(default).__name__
-            raise ConfigError(f"{dotted}: expected {expected}, got {type(value).__name__} {value!r}")
-        if isinstance(default, dict) and isinstance(value, dict) and default and not is_open:
-            _check_against_defaults(value, default, dotted, open_keys, rel)
-
-
-def _check_sweep_space(exp: dict, trainer: Any, resolved: dict, where: str) -> None:
-    """The sweep's space is first read by a sweep_trial job, after the baseline and the diagnosis: a bad
-    parameter there (bounds swapped, a typo in its key, every parameter removed) is reported now instead."""
-    overrides = exp["optimize"]["sweep"]["space"] or {}
-    if exp["optimize"]["strategy"] != "sweep" and not overrides:
-        return  # no sweep asked for, nothing changed: the trainer's own space is its tests' business
-    from tunewise.phases.sweep import SweepError, resolve_space
-
-    try:
-        resolve_space(trainer.search_space(), overrides)
-    except SweepError as e:
-        raise ConfigError(f"{where}.{e}") from None
-    open_keys = getattr(trainer, "open_config_keys", set())
-    for key, spec in overrides.items():
-        if spec is None or any(key.startswith(k + ".") for k in open_keys):
-            continue
-        try:
-            get_dotted(resolved, key)
-        except KeyError:
-            # trial_config would create the key, and the trainer would never read it: a sweep of nothing
-            close = difflib.get_close_matches(key, _leaf_keys(resolved), n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise ConfigError(
-                f"{where}.optimize.sweep.space.{key}: not a key of the {exp['trainer']} trainer's config "
-                f"({hint}sweep parameters are dotted config keys such as optim.lr)"
-            ) from None
-
-
-def _leaf_keys(config: dict, prefix: str = "") -> list[str]:
-    out = []
-    for key, value in config.items():
-        dotted = f"{prefix}{key}"
-        out.extend(_leaf_keys(value, dotted + ".") if isinstance(value, dict) and value else [dotted])
-    return out
-
-
-def resolve_experiment(config: dict, name: str) -> dict:
-    """The fully resolved experiment: schema defaults, trainer defaults, data and baseline merged.
-
-    The result is what every CLI verb reads (results/<exp>/experiment.yaml)."""
-    from tunewise.trainers import get_spec
-
-    exp = copy.deepcopy(config["experiments"][name])
-    where = f"experiments.{name}"
-    if exp["optimize"]["strategy"] not in IMPLEMENTED_STRATEGIES:
-        raise ConfigError(
-            f"{where}.optimize.strategy: {exp['optimize']['strategy']!r} is not available in this version "
-            f"(available: {', '.join(sorted(IMPLEMENTED_STRATEGIES))})"
-        )
-    try:
-        trainer = get_spec(exp["trainer"])  # no torch: the Snakefile parse validates every experiment
-    except (KeyError, ImportError, AttributeError) as e:
-        # args[0], not str(e): a KeyError's str() is the repr of its message, quotes and all
-        raise ConfigError(f"{where}.trainer: {e.args[0] if e.args else e}") from None
-    defaults = trainer.default_config()
-    _check_against_defaults(exp["data"], defaults["data"], f"{where}.data", trainer.open_config_keys, "data")
-    _check_against_defaults(exp["baseline"], defaults, f"{where}.baseline", trainer.open_config_keys)
-    for section in ("data", "design"):
-        if section in exp["baseline"]:
-            raise ConfigError(f"{where}.baseline.{section}: put these settings under {where}.{section}")
-    if "design" in defaults:
-        # the design block is part of the trainer config: the optimisation phases can tune its knobs
-        _check_against_defaults(exp["design"], defaults["design"], f"{where}.design", trainer.open_config_keys, "design")
-    elif exp["design"]:
-        raise ConfigError(f"{where}.design: the {exp['trainer']} trainer has no design phase (only latent has)")
-    resolved = deep_merge(defaults, {"data": exp["data"]})
-    if "design" in defaults:
-        resolved = deep_merge(resolved, {"design": exp["design"]})
-    resolved = deep_merge(resolved, exp["baseline"])
-    try:
-        trainer.check_config(resolved)
-    except (ValueError, FileNotFoundError) as e:
-        raise ConfigError(f"{where}: {e}") from None
-    _check_sweep_space(exp, trainer, resolved, where)
-    seeds = exp["significance"]["seeds"]
-    exp["significance"]["seeds"] = list(range(seeds)) if isinstance(seeds, int) else seeds
-    exp["metric"] = {
-        "name": exp["metric"].get("name") or trainer.primary_metric,
-        "direction": exp["metric"].get("direction") or trainer.direction,
-    }
-    exp["name"] = name
-    exp["baseline"] = resolved
-    exp.pop("data")
-    exp.pop("design")
-    exp["tracking"] = {"uri": config.get("tracking", {}).get("uri")}
-    return exp
-
-
-def design_enabled(exp: dict) -> bool:
-    """Whether a resolved experiment ends with a design phase: its trainer has one and it is not switched off."""
-    design = exp["baseline"].get("design")
-    return isinstance(design, dict) and bool(design.get("enabled", True))
-
-
-def validate(config: Any) -> dict:
-    """Schema + per-experiment trainer checks; returns the config with defaults filled."""
-    config = validate_schema(config)
-    for name in config["experiments"]:
-        resolve_experiment(config, name)
-    return config
-
-
 def load_experiment(path: str | os.PathLike) -> dict:
     exp = load_yaml(path)
     if not isinstance(exp, dict) or "baseline" not in exp or "trainer" not in exp:
         raise ConfigError(f"{path}: not a resolved experiment file (run `tunewise resolve` first)")
     return exp
+
+
+# --- the optimization config, commented ------------------------------------------------------
+
+RATIONALE_WIDTH = 100  # a config comment stays on one readable line
+
+
+def _inline(value: Any) -> str:
+    """A value as one line of YAML flow notation (what a reader would type back into the config)."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+    if text.endswith("\n..."):  # PyYAML's end-of-document marker after a bare scalar
+        text = text[: -len("\n...")]
+    return " ".join(text.split())
+
+
+def _one_line(text: Any, width: int = RATIONALE_WIDTH) -> str:
+    text = " ".join(str(text or "").split())
+    return text if len(text) <= width else text[: width - 3].rstrip() + "..."
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """Dotted key path -> 0-based line where a comment for that key belongs.
+
+    Found from the YAML node tree, so `optim.lr` and `schedule.lr` are told apart by their
+    nesting, not by the bare key name. A scalar (or one-line flow collection) takes the comment
+    on the line where its value ends; a block collection on its key's line.
+    """
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    found: dict[str, int] = {}
+
+    def walk(node: yaml.Node, prefix: str) -> None:
+        if not isinstance(node, yaml.MappingNode):
+            return
+        for key_node, value_node in node.value:
+            path = f"{prefix}{key_node.value}"
+            block = isinstance(value_node, (yaml.MappingNode, yaml.SequenceNode)) and not value_node.flow_style
+            if block:
+                found[path] = key_node.start_mark.line
+            else:
+                end = value_node.end_mark
+                found[path] = end.line - 1 if end.column == 0 and end.line > key_node.start_mark.line else end.line
+            walk(value_node, path + ".")
+
+    if root is not None:
+        walk(root, "")
+    return found
+
+
+def commented_config(config: dict, changes: list[dict]) -> str:
+    """YAML of `config` where every changed key says what it was and why.
+
+    `yaml.safe_load` of the result gives back `config` exactly: the notes are comments only.
+    """
+    body = yaml.safe_dump(config, sort_keys=False, default_flow_style=False)
+    lines = body.splitlines()
+    where = _key_lines(body)
+    header = ["# optimization_config.yaml: the baseline config with the Phase 3 recommendations applied"]
+    if changes:
+        header.append(f"# Changes from the baseline config ({len(changes)}):")
+    else:
+        header.append("# No changes from the baseline config.")
+    for change in changes:
+        key = change.get("key") or change.get("knob") or "?"
+        why = _one_line(change.get("rationale"))
+        how = ", ".join(f"{k} {change[k]}" for k in ("knob", "action") if change.get(k))
+        header.append(
+            f"#   {key}: {_inline(change.get('old'))} -> {_inline(change.get('new'))}"
+            + (f" ({how})" if how else "") + (f": {why}" if why else "")
+        )
+        line = where.get(key)
+        if line is not None:
+            lines[line] += f"  # CHANGED from {_inline(change.get('old'))}" + (f": {why}" if why else "")
+    return "\n".join(header + lines) + "\n"

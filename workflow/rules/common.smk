@@ -4,7 +4,8 @@ import os
 
 from snakemake.exceptions import WorkflowError
 
-from tunewise.config import ConfigError, design_enabled, resolve_experiment, validate
+from tunewise.config import ConfigError
+from tunewise.experiment import design_enabled, resolve_experiment, validate
 from tunewise.devices import gpus_to_request
 
 try:

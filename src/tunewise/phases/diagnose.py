@@ -561,7 +561,7 @@ def diagnose_run(exp: dict, run_dir: str | Path, out_dir: str | Path, *, report=
     diagnosis."""
     from tunewise.phases import tracked
     from tunewise.phases.recommend import apply_patch
-    from tunewise.reports.render import commented_config
+    from tunewise.config import commented_config
     from tunewise.runs import RunDir, atomic_write_text, write_json
 
     run = RunDir(run_dir)

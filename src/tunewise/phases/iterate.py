@@ -195,7 +195,7 @@ def _settings(exp: dict) -> dict:
 
 
 def _write_config(path: Path, config: dict, k: int, source: dict, changes: list[dict]) -> None:
-    from tunewise.reports.render import commented_config
+    from tunewise.config import commented_config
 
     body = commented_config(config, changes).split("\n", 1)[1]  # its first line names optimization_config.yaml
     header = (f"# round{k}/config.yaml: the config of {_where(source)} with round {k}'s recommendations applied "

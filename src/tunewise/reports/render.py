@@ -18,10 +18,10 @@ import yaml
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 import tunewise
+from tunewise.config import commented_config
 from tunewise.runs import atomic_write_text, read_json
 
 TEMPLATES_ENV = "TUNEWISE_TEMPLATES"
-RATIONALE_WIDTH = 100  # a config comment stays on one readable line
 REPORT_NAMES = ("diagnostic_report.md", "optimization_results.md", "significance.md", "final_report.md", "design_report.md")
 
 
@@ -111,77 +111,6 @@ def render(template: str, **context: Any) -> str:
 def _link(target: Path, document: Path) -> str:
     """Relative path from a markdown document to a file, as a link target."""
     return Path(os.path.relpath(Path(target).resolve(), Path(document).resolve().parent)).as_posix()
-
-
-# --- commented optimization config ----------------------------------------------------------
-
-
-def _inline(value: Any) -> str:
-    """A value as one line of YAML flow notation (what a reader would type back into the config)."""
-    text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
-    if text.endswith("\n..."):  # PyYAML's end-of-document marker after a bare scalar
-        text = text[: -len("\n...")]
-    return " ".join(text.split())
-
-
-def _one_line(text: Any, width: int = RATIONALE_WIDTH) -> str:
-    text = " ".join(str(text or "").split())
-    return text if len(text) <= width else text[: width - 3].rstrip() + "..."
-
-
-def _key_lines(text: str) -> dict[str, int]:
-    """Dotted key path -> 0-based line where a comment for that key belongs.
-
-    Found from the YAML node tree, so `optim.lr` and `schedule.lr` are told apart by their
-    nesting, not by the bare key name. A scalar (or one-line flow collection) takes the comment
-    on the line where its value ends; a block collection on its key's line.
-    """
-    root = yaml.compose(text, Loader=yaml.SafeLoader)
-    found: dict[str, int] = {}
-
-    def walk(node: yaml.Node, prefix: str) -> None:
-        if not isinstance(node, yaml.MappingNode):
-            return
-        for key_node, value_node in node.value:
-            path = f"{prefix}{key_node.value}"
-            block = isinstance(value_node, (yaml.MappingNode, yaml.SequenceNode)) and not value_node.flow_style
-            if block:
-                found[path] = key_node.start_mark.line
-            else:
-                end = value_node.end_mark
-                found[path] = end.line - 1 if end.column == 0 and end.line > key_node.start_mark.line else end.line
-            walk(value_node, path + ".")
-
-    if root is not None:
-        walk(root, "")
-    return found
-
-
-def commented_config(config: dict, changes: list[dict]) -> str:
-    """YAML of `config` where every changed key says what it was and why.
-
-    `yaml.safe_load` of the result gives back `config` exactly: the notes are comments only.
-    """
-    body = yaml.safe_dump(config, sort_keys=False, default_flow_style=False)
-    lines = body.splitlines()
-    where = _key_lines(body)
-    header = ["# optimization_config.yaml: the baseline config with the Phase 3 recommendations applied"]
-    if changes:
-        header.append(f"# Changes from the baseline config ({len(changes)}):")
-    else:
-        header.append("# No changes from the baseline config.")
-    for change in changes:
-        key = change.get("key") or change.get("knob") or "?"
-        why = _one_line(change.get("rationale"))
-        how = ", ".join(f"{k} {change[k]}" for k in ("knob", "action") if change.get(k))
-        header.append(
-            f"#   {key}: {_inline(change.get('old'))} -> {_inline(change.get('new'))}"
-            + (f" ({how})" if how else "") + (f": {why}" if why else "")
-        )
-        line = where.get(key)
-        if line is not None:
-            lines[line] += f"  # CHANGED from {_inline(change.get('old'))}" + (f": {why}" if why else "")
-    return "\n".join(header + lines) + "\n"
 
 
 # --- reading the workflow's files -----------------------------------------------------------
