@@ -160,6 +160,40 @@ def test_an_interrupted_sweep_trial_trains_its_point_again_and_its_mlflow_run_is
     assert result.info.status == "FINISHED" and "status" not in result.data.tags
 
 
+def test_a_trial_killed_before_its_mlflow_run_id_was_recorded_leaves_no_run_running(tmp_path, monkeypatch):
+    """A kill can land after a start created its MLflow run and before run.json names it: the next start of that
+    run directory finds the run by its run_dir tag and ends it as interrupted (the kill table met this)."""
+    from tunewise.runs import RunDir
+
+    space = {"optim.lr": {"type": "float", "low": 0.001, "high": 0.1, "log": True}}
+    common, uri, sweep_dir = _sweep_after_baseline(tmp_path, monkeypatch, "random", 1, space)
+    trial = ["sweep-trial", *common, "--slot", "0", "--out", str(sweep_dir / "trials" / "trial0" / "trial.json")]
+
+    def killed_here(self, **fields):  # SIGKILL as the run's id is about to be written
+        if "mlflow_run_id" in fields:
+            raise KeyboardInterrupt
+        return original(self, **fields)
+
+    original = RunDir.update_info
+    with monkeypatch.context() as m:
+        m.setattr(RunDir, "update_info", killed_here)
+        with pytest.raises(KeyboardInterrupt):
+            main(trial)
+    assert read_json(sweep_dir / "trials" / "trial0" / "run.json").get("mlflow_run_id") is None
+    client, runs = _runs(uri, phase="optimize")
+    (orphan,) = runs
+    assert orphan.info.status == "RUNNING"
+
+    assert main(trial) == 0
+    _, runs = _runs(uri, phase="optimize")
+    by_id = {r.info.run_id: r for r in runs}
+    assert len(runs) == 2 and not [r for r in runs if r.info.status == "RUNNING"]
+    aside = by_id.pop(orphan.info.run_id)
+    assert aside.info.status == "KILLED" and aside.data.tags["status"] == "interrupted" and aside.data.tags["slot"] == "0"
+    (result,) = by_id.values()
+    assert result.info.status == "FINISHED"
+
+
 # --- out of memory -------------------------------------------------------------------------------------------
 
 

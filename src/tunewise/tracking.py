@@ -150,6 +150,13 @@ class Tracker:
             raise
         return None if run.info.lifecycle_stage == "deleted" else run.info.status
 
+    def running_runs(self, tag: str, value: str) -> list[str]:
+        """Ids of this experiment's RUNNING runs whose `tag` is `value` (the runs of one run directory)."""
+        value = value.replace("\\", "\\\\").replace("'", "\\'")
+        runs = self._call(self.client.search_runs, [self.experiment_id],
+                          filter_string=f"tags.`{tag}` = '{value}' and attributes.status = 'RUNNING'")
+        return [r.info.run_id for r in runs]
+
     def supersede(self, run_id: str, reason: str, finished_too: bool = False) -> None:
         """End the run of an attempt that was killed and will not be continued (another run replaces it):
         KILLED and tagged status=interrupted, kept for the record, never counted as a result. `finished_too`:

@@ -118,6 +118,11 @@ def _begin(attempt: Attempt, previous: dict, may_resume: bool, force: bool) -> N
     attempt.reuse = same and old_status is not None
     if old_status == "RUNNING" and not attempt.reuse:
         attempt.tracker.supersede(old_id, f"killed; {run.path} was started again with another config or from scratch")
+    # a start killed between creating its MLflow run and writing the run's id to run.json left a run nothing
+    # points at: found by its run_dir tag, it is ended as interrupted instead of staying RUNNING forever
+    for orphan in attempt.tracker.running_runs("run_dir", str(run.path)):
+        if orphan != old_id:
+            attempt.tracker.supersede(orphan, f"killed before its run id was recorded; {run.path} was started again")
 
 
 def _open_mlflow_run(attempt: Attempt, previous: dict, meta: dict, exp_dir: Path, parent: str | None, name: str,
