@@ -106,11 +106,28 @@ def test_every_module_has_a_layer_and_imports_none_above_it():
     assert upward == []
 
 
-def test_no_import_cycle_between_modules():
+@pytest.mark.parametrize("top_level_only", [True, False], ids=["module-level", "lazy imports too"])
+def test_no_import_cycle_between_modules(top_level_only):
+    """No cycle at import time, and none through the imports a function makes when it runs (render once imported
+    the section writers in its functions while they imported render's helpers at the top)."""
     import graphlib
 
     modules = _modules()
-    graph = {name: _imports(name, path, modules, top_level_only=True) for name, path in modules.items()}
+    graph = {name: _imports(name, path, modules, top_level_only) for name, path in modules.items()}
     # a package's __init__ is imported on the way to its submodules: that is not a cycle of their own making
     graph = {name: {t for t in targets if not name.startswith(t + ".")} for name, targets in graph.items()}
     graphlib.TopologicalSorter(graph).prepare()  # raises CycleError naming the cycle
+
+
+def test_no_module_imports_another_modules_private_names():
+    """What modules share is public, in the module that owns it (the report writers' link, fmt and render live in
+    reports/markdown.py): a `_name` imported from elsewhere is a helper that belongs to neither."""
+    import ast
+
+    found = []
+    for name, path in sorted(_modules().items()):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tunewise") and node.module != name:
+                found += [f"{name}: from {node.module} import {a.name}" for a in node.names
+                          if a.name.startswith("_") and not a.name.startswith("__")]  # dunders are public
+    assert found == []

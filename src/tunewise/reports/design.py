@@ -12,7 +12,7 @@ import pandas as pd
 from tunewise.reports.plots import (
     plot_alpha_study, plot_design_scores, plot_design_trajectories, plot_design_vs_known,
 )
-from tunewise.reports.render import _link, render
+from tunewise.reports.markdown import link, render
 from tunewise.runs import atomic_write_text
 
 
@@ -54,11 +54,11 @@ def write_design_report(design: dict, reports_dir: Path) -> list[Path]:
         columns = [f"r{r}" for r in sorted(by_restart)]
         p = plot_design_trajectories(traj[columns].to_numpy(dtype=float), ok, plots / "design_trajectories.png")
         written.append(p)
-        trajectory_link = _link(p, report)
+        trajectory_link = link(p, report)
     p = plot_design_scores([by_restart[r]["score"] for r in sorted(by_restart)],
                            [by_restart[r]["score_roundtrip"] for r in sorted(by_restart)], ok, plots / "design_scores.png")
     written.append(p)
-    scores_link = _link(p, report)
+    scores_link = link(p, report)
     known = {b["task"]: b for b in design.get("best_known") or []}
     vs_known = []
     for task in objective_tasks:
@@ -68,12 +68,12 @@ def write_design_report(design: dict, reports_dir: Path) -> list[Path]:
         p = plot_design_vs_known(points, task, units.get(task, ""), task in log_targets, plots / f"design_vs_known_{task}.png",
                                  best_known=(known.get(task) or {}).get("measured"))
         written.append(p)
-        vs_known.append({"task": task, "link": _link(p, report)})
+        vs_known.append({"task": task, "link": link(p, report)})
     alpha_link = None
     if design.get("alpha_study"):
         p = plot_alpha_study(design["alpha_study"], plots / "design_alpha_study.png", chosen=design.get("alpha"))
         written.append(p)
-        alpha_link = _link(p, report)
+        alpha_link = link(p, report)
 
     top = int(settings.get("top", 5))
     passed = [r for r in restarts if r["ok"]][:top]

@@ -11,8 +11,8 @@ from pathlib import Path
 import pandas as pd
 
 from tunewise.reports.plots import GROUP_ACC_PREFIX, group_columns, plot_confusion, plot_group_curves
-from tunewise.reports.render import _history, _link
-from tunewise.runs import CONFUSION_FILE, read_json
+from tunewise.reports.markdown import link
+from tunewise.runs import CONFUSION_FILE, read_history, read_json
 
 SUMMARY_COLUMNS = ("val/worst_group_acc", "val/avg_acc", "val/acc")
 
@@ -56,7 +56,7 @@ def group_section(run_dirs: dict[str, Path | None], best_steps: dict[str, int | 
     in the captions.
     None when no run logged group accuracy."""
     report_path, plots_dir = Path(report_path), Path(plots_dir)
-    histories = {label: _history(d) for label, d in run_dirs.items() if d is not None}
+    histories = {label: read_history(d) for label, d in run_dirs.items() if d is not None}
     rows_at = {label: _row_at(h, best_steps.get(label)) for label, h in histories.items()}
     groups: list[str] = []
     for h in histories.values():
@@ -85,9 +85,9 @@ def group_section(run_dirs: dict[str, Path | None], best_steps: dict[str, int | 
                   for lb in labels],
         "rows": table,
         "summary": summary,
-        "curves": _link(curves, report_path) if curves is not None else None,
+        "curves": link(curves, report_path) if curves is not None else None,
         "run_label": run_label or f"{first} run",
-        "confusion": _link(confusion_plot, report_path) if confusion_plot is not None else None,
+        "confusion": link(confusion_plot, report_path) if confusion_plot is not None else None,
         "confusion_where": {k: confusion.get(k) for k in ("split", "step")} if confusion else None,
         "written": written,
     }

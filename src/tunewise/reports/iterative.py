@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tunewise.reports.plots import plot_rounds
-from tunewise.reports.render import _link
+from tunewise.reports.markdown import link
 from tunewise.runs import read_json
 
 PLOT_NAME = "iterative_rounds.png"
@@ -57,7 +57,7 @@ def iterative_context(iterative_json_path: Path, report_path: Path, plots_dir: P
         "trained": sum(r["status"] == "trained" for r in rounds),
         "stopped_at": stopper["round"] if stopper else None,
         "best": {k: best.get(k) for k in ("round", "value", "run_dir", "config", "source_config", "reverted_to_baseline")},
-        "link": _link(iterative_json_path, report_path),
-        "plot": _link(plot, report_path),
+        "link": link(iterative_json_path, report_path),
+        "plot": link(plot, report_path),
         "written": [plot],
     }

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from tunewise.reports.plots import plot_prompt_targets, plot_similarity_curve
-from tunewise.reports.render import _history, _link
-from tunewise.runs import read_json
+from tunewise.reports.markdown import link
+from tunewise.runs import read_history, read_json
 
 PROMPTS_FILE = "prompts.json"  # as tunewise.trainers.pez.trainer writes it (image paths relative to its folder)
 
@@ -76,12 +76,12 @@ def prompt_section(prompts_path: Path | None, run_dir: Path | None, report_path:
     written.append(grid)
     curve = None
     if run_dir is not None:
-        curve = plot_similarity_curve(_history(Path(run_dir)), plots_dir / f"{name}_similarity.png",
+        curve = plot_similarity_curve(read_history(Path(run_dir)), plots_dir / f"{name}_similarity.png",
                                       title=f"{title}: similarity over PEZ steps")
         if curve is not None:
             written.append(curve)
     rows = [{
-        "image": _link(p, report_path) if p is not None and p.is_file() else None,
+        "image": link(p, report_path) if p is not None and p.is_file() else None,
         "image_id": t.get("image_id"), "caption": t.get("caption"), "prompt": t.get("prompt"),
         "similarity": t.get("similarity"), "caption_similarity": t.get("caption_similarity"),
         "ratio": t.get("ratio"), "random_best_similarity": t.get("random_best_similarity"),
@@ -93,5 +93,5 @@ def prompt_section(prompts_path: Path | None, run_dir: Path | None, report_path:
         clip = {**{k: clip.get(k) for k in ("model", "parameters", "epochs", "train_seconds")},
                 **(clip.get("retrieval_val_test") or {})}
     return {"split": split, "n": len(targets), "rows": rows, "summary": summary, "run_label": run_label, "clip": clip,
-            "grid": _link(grid, report_path), "curve": _link(curve, report_path) if curve is not None else None,
+            "grid": link(grid, report_path), "curve": link(curve, report_path) if curve is not None else None,
             "written": written}

@@ -9,108 +9,28 @@ from __future__ import annotations
 import copy
 import difflib
 import math
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import yaml
-from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
-import tunewise
 from tunewise.config import commented_config
-from tunewise.runs import atomic_write_text, read_json
+# the helpers every report writer shares; fmt, pct, cell and render stay importable from here
+from tunewise.reports.markdown import (  # noqa: F401
+    TEMPLATES_ENV,
+    cell,
+    environment,
+    fmt,
+    link,
+    number,
+    pct,
+    render,
+    templates_dir,
+)
+from tunewise.runs import atomic_write_text, read_history, read_json
 
-TEMPLATES_ENV = "TUNEWISE_TEMPLATES"
 REPORT_NAMES = ("diagnostic_report.md", "optimization_results.md", "significance.md", "final_report.md", "design_report.md")
-
-
-# --- formatting -----------------------------------------------------------------------------
-
-
-def _number(value: Any) -> float | None:
-    """A float for numbers and the "inf"/"-inf" strings runs.write_json leaves; None otherwise."""
-    if value is None or isinstance(value, bool):
-        return None
-    if hasattr(value, "item"):  # numpy scalars
-        value = value.item()
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return None
-    return None
-
-
-def fmt(value: Any, signed: bool = False) -> str:
-    """4 significant digits; `n/a` for None/NaN; ints in full; words pass through."""
-    if hasattr(value, "item") and not isinstance(value, (list, tuple, dict)):
-        value = value.item()
-    if value is None:
-        return "n/a"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(fmt(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return ", ".join(f"{k}: {fmt(v)}" for k, v in value.items())
-    if isinstance(value, str):
-        number = _number(value)
-        if number is None:
-            return value
-        value = number
-    sign = "+" if signed else ""
-    if isinstance(value, int):
-        return f"{value:{sign}d}"
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "n/a"
-        return f"{value:{sign}.4g}"
-    return str(value)
-
-
-def pct(value: Any, signed: bool = False) -> str:
-    """A fraction as a percentage (0.034 -> 3.4%), 4 significant digits."""
-    number = _number(value)
-    if number is None or math.isnan(number):
-        return "n/a"
-    return fmt(number * 100, signed=signed) + "%"
-
-
-def cell(value: Any) -> str:
-    """Text safe inside a markdown table cell."""
-    text = value if isinstance(value, str) else fmt(value)
-    return " ".join(text.split()).replace("|", "\\|")
-
-
-def templates_dir() -> Path:
-    override = os.environ.get(TEMPLATES_ENV)
-    if override:
-        return Path(override)
-    return Path(tunewise.__file__).resolve().parents[2] / "reports" / "templates"
-
-
-def environment(templates: Path | None = None) -> Environment:
-    env = Environment(
-        loader=FileSystemLoader(str(templates or templates_dir())),
-        undefined=StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-    )
-    env.filters.update(fmt=fmt, pct=pct, cell=cell)
-    return env
-
-
-def render(template: str, **context: Any) -> str:
-    return environment().get_template(template).render(**context)
-
-
-def _link(target: Path, document: Path) -> str:
-    """Relative path from a markdown document to a file, as a link target."""
-    return Path(os.path.relpath(Path(target).resolve(), Path(document).resolve().parent)).as_posix()
 
 
 # --- reading the workflow's files -----------------------------------------------------------
@@ -118,18 +38,6 @@ def _link(target: Path, document: Path) -> str:
 
 def _maybe_json(path: Path | None) -> dict | None:
     return read_json(path) if path is not None and Path(path).exists() else None
-
-
-def _history(run_dir: Path | None):
-    import pandas as pd
-
-    path = Path(run_dir) / "history.csv" if run_dir is not None else None
-    if path is None or not path.exists():
-        return pd.DataFrame()
-    try:
-        return pd.read_csv(path)
-    except pd.errors.EmptyDataError:
-        return pd.DataFrame()
 
 
 def _run_summary(metrics: dict | None, fallback: dict | None = None) -> dict:
@@ -160,14 +68,14 @@ def _train_val_gap(metrics: dict, metric: str, direction: str) -> float | None:
     """How much better the training split looks than validation at the best step (positive = overfit)."""
     best = metrics.get("best") or {}
     name = metric.split("/", 1)[-1]
-    train, val = _number(best.get(f"train/{name}")), _number(best.get(f"val/{name}"))
+    train, val = number(best.get(f"train/{name}")), number(best.get(f"val/{name}"))
     if train is None or val is None:
         return None
     return train - val if direction == "max" else val - train
 
 
 def _per_epoch(metrics: dict) -> float | None:
-    wall, epochs = _number(metrics.get("wall_seconds")), _number(metrics.get("epochs_run"))
+    wall, epochs = number(metrics.get("wall_seconds")), number(metrics.get("epochs_run"))
     return wall / epochs if wall is not None and epochs else None
 
 
@@ -194,7 +102,7 @@ def _comparison(base: dict | None, opt: dict | None, metric: str, direction: str
     opt_values = dict(_measures(opt, metric, direction))
     for label, value in _measures(base, metric, direction):
         other = opt_values.get(label)
-        a, b = _number(value), _number(other)
+        a, b = number(value), number(other)
         change = b - a if a is not None and b is not None and not isinstance(value, bool) else None
         rows.append({"label": label, "baseline": value, "optimized": other, "change": change})
     return rows
@@ -243,7 +151,7 @@ def write_diagnostic_report(diagnosis_path: Path, baseline_run_dir: Path, report
     report = reports_dir / "diagnostic_report.md"
     written: list[Path] = []
 
-    plot = plot_curves(_history(baseline_run_dir), metric["name"], summary["best_step"],
+    plot = plot_curves(read_history(baseline_run_dir), metric["name"], summary["best_step"],
                        reports_dir / "plots" / "baseline_curves.png", title=f"{diag['experiment']}: baseline")
     written.append(plot)
     diff, opt_text = _config_preview(baseline_run_dir, diagnosis_path, diag)
@@ -252,7 +160,7 @@ def write_diagnostic_report(diagnosis_path: Path, baseline_run_dir: Path, report
         copied = reports_dir / "optimization_config.yaml"
         atomic_write_text(copied, opt_text)
         written.append(copied)
-        config_link = _link(copied, report)
+        config_link = link(copied, report)
 
     findings = [
         {
@@ -283,7 +191,7 @@ def write_diagnostic_report(diagnosis_path: Path, baseline_run_dir: Path, report
         run_dir=str(baseline_run_dir), summary=summary, findings=findings, recommendations=recommendations,
         changes=_changes(diag), patch=list((diag.get("patch") or {}).items()),
         strategy={k: strategy.get(k) for k in ("requested", "chosen", "reason")},
-        diff=diff, config_link=config_link, plot=_link(plot, report),
+        diff=diff, config_link=config_link, plot=link(plot, report),
     )
     atomic_write_text(report, text)
     return [report, *written]
@@ -320,7 +228,7 @@ def _seed_rule(sig: dict, base: dict | None, opt: dict | None, direction: str) -
     """Seed 004's rule as the file states it, with the two numbers it compares."""
     rule = sig.get("seed004_rule")
     bound = None
-    mean, std = (_number(opt["mean"]), _number(opt["std"])) if opt else (None, None)
+    mean, std = (number(opt["mean"]), number(opt["std"])) if opt else (None, None)
     if mean is not None and std is not None:
         bound = mean - 2 * std if direction == "max" else mean + 2 * std
     holds = rule if isinstance(rule, bool) else (rule.get("holds", rule.get("passed")) if isinstance(rule, dict) else None)
@@ -373,10 +281,10 @@ def write_optimization_results(significance_path: Path, decision_path: Path, dia
     significance = _significance_context(sig, direction)
     report, sig_report = reports_dir / "optimization_results.md", reports_dir / "significance.md"
 
-    histories = {"baseline": _history(Path(baseline_run_dir))}
+    histories = {"baseline": read_history(Path(baseline_run_dir))}
     best_steps = {"baseline": (base_metrics or {}).get("best_step")}
     if optimized_run_dir is not None:
-        histories["optimized"] = _history(Path(optimized_run_dir))
+        histories["optimized"] = read_history(Path(optimized_run_dir))
         best_steps["optimized"] = (opt_metrics or {}).get("best_step")
     curves = plot_comparison(histories, metric["name"], reports_dir / "plots" / "curves_comparison.png",
                              best_steps=best_steps, title=f"{diag['experiment']}: baseline vs optimized run")
@@ -386,7 +294,7 @@ def write_optimization_results(significance_path: Path, decision_path: Path, dia
 
     strategy = diag.get("strategy") or {}
     common = {"experiment": diag["experiment"], "trainer": diag.get("trainer"), "metric": metric,
-              "sig": significance, "seeds_plot": _link(seeds, report)}
+              "sig": significance, "seeds_plot": link(seeds, report)}
     opt_config = reports_dir / "optimization_config.yaml"
     sweep = None
     if sweep_json is not None:
@@ -419,10 +327,10 @@ def write_optimization_results(significance_path: Path, decision_path: Path, dia
         comparison=_comparison(base_metrics, opt_metrics, metric["name"], direction),
         has_optimized_metrics=opt_metrics is not None,
         changes=_changes(diag),
-        config_link=_link(opt_config, report) if opt_config.exists() else None,
+        config_link=link(opt_config, report) if opt_config.exists() else None,
         decision={k: decision.get(k) for k in ("option", "label", "next", "chosen_side", "target", "target_met", "rationale")},
-        curves_plot=_link(curves, report),
-        significance_link=_link(sig_report, report),
+        curves_plot=link(curves, report),
+        significance_link=link(sig_report, report),
         sweep=sweep,
         iterative=iterative,
     )
@@ -452,7 +360,7 @@ def write_final_report(final_path: Path, decision_path: Path, reports_dir: Path)
     final, decision = read_json(final_path), read_json(decision_path)
     report = Path(reports_dir) / "final_report.md"
     checkpoints = [
-        {"name": name, "path": path, "link": _link(Path(path), report)}
+        {"name": name, "path": path, "link": link(Path(path), report)}
         for name, path in (final.get("checkpoints") or {}).items()
     ]
     from tunewise.reports.groups import group_section
@@ -526,12 +434,12 @@ def _index_row(exp_dir: Path, reports_dir: Path, index: Path) -> dict:
     if final:
         row["test_value"] = (final.get("test") or {}).get(row["test_metric"])
     row["links"] = [
-        {"name": name.removesuffix(".md").replace("_", " "), "href": _link(reports_dir / exp_dir.name / name, index)}
+        {"name": name.removesuffix(".md").replace("_", " "), "href": link(reports_dir / exp_dir.name / name, index)}
         for name in REPORT_NAMES if (reports_dir / exp_dir.name / name).exists()
     ]
     checklists = reports_dir / exp_dir.name / "checklists"
     if checklists.is_dir():
-        row["links"] += [{"name": f"checklist {p.stem}", "href": _link(p, index)} for p in sorted(checklists.glob("*.md"))]
+        row["links"] += [{"name": f"checklist {p.stem}", "href": link(p, index)} for p in sorted(checklists.glob("*.md"))]
     return row
 
 
@@ -546,14 +454,14 @@ def write_index(results_dir: Path, reports_dir: Path) -> Path:
             rows.append(_index_row(exp_dir, reports_dir, index))
         else:
             not_run.append(exp_dir.name)
-    plotted = [r for r in rows if _number(r["baseline_mean"]) is not None]
+    plotted = [r for r in rows if number(r["baseline_mean"]) is not None]
     # drawn even with nothing to plot (a "no experiment recorded" panel): the report_index rule declares it
     plot = plot_overview(
-        [{k: (_number(r[k]) if k.endswith(("_mean", "_std")) else r[k])
+        [{k: (number(r[k]) if k.endswith(("_mean", "_std")) else r[k])
           for k in ("experiment", "metric", "baseline_mean", "baseline_std", "optimized_mean", "optimized_std")}
          for r in plotted],
         reports_dir / "plots" / "index_overview.png",
     )
-    text = render("index.md.j2", rows=rows, not_run=not_run, plot=_link(plot, index))
+    text = render("index.md.j2", rows=rows, not_run=not_run, plot=link(plot, index))
     atomic_write_text(index, text)
     return index

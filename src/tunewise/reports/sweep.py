@@ -11,7 +11,7 @@ from typing import Any
 
 from tunewise.phases.playbook import sweep_checks
 from tunewise.reports.plots import plot_importance, plot_isolation, plot_param_axes, plot_top_trial_curves
-from tunewise.reports.render import _link
+from tunewise.reports.markdown import link
 from tunewise.runs import read_json
 
 STATES = ("COMPLETE", "PRUNED", "FAIL")
@@ -110,7 +110,7 @@ def sweep_context(sweep_json_path: Path, report_path: Path, plots_dir: Path) -> 
     written = {name: draw(sweep, plots_dir / PLOT_NAMES[name]) for name, draw in drawers.items()}
     importance = sorted((sweep.get("importance") or {}).items(), key=lambda kv: -(kv[1] or 0.0))
     return {
-        "path": str(sweep_json_path), "link": _link(sweep_json_path, report_path),
+        "path": str(sweep_json_path), "link": link(sweep_json_path, report_path),
         "metric": {"name": metric.get("name"), "direction": metric.get("direction", "max")},
         "sampler": sweep.get("sampler"), "pruner": sweep.get("pruner"), "n_trials": n_trials,
         "params": keys, "space": _space_rows(space), "counts": counts,
@@ -121,6 +121,6 @@ def sweep_context(sweep_json_path: Path, report_path: Path, plots_dir: Path) -> 
         "n_fired": sum(1 for c in checks if c["ok"] is False),
         "n_unknown": sum(1 for c in checks if c["ok"] is None),
         "importance": importance,
-        "plots": {name: _link(path, report_path) for name, path in written.items()},
+        "plots": {name: link(path, report_path) for name, path in written.items()},
         "written": list(written.values()),
     }

@@ -50,7 +50,7 @@ DEFAULT_CONFIG = {
 }
 
 
-def _generator_config(data: dict) -> shapes.ShapesConfig:
+def generator_config(data: dict) -> shapes.ShapesConfig:
     g = {**DEFAULT_DATA["generator"], **(data.get("generator") or {})}
     unknown = set(g) - set(DEFAULT_DATA["generator"])
     if unknown:
@@ -113,7 +113,7 @@ class PezSpec:
                 shapes.read_meta(data["path"])  # a damaged meta.json stops the workflow here, not in a job
             except ValueError as e:
                 raise ValueError(f"data.path: {e}") from None
-        _generator_config(data)
+        generator_config(data)
         if int(data["n_targets"]) < 1:
             raise ValueError(f"data.n_targets: must be >= 1, got {data['n_targets']}")
         clip = data["clip"]

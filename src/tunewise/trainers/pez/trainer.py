@@ -32,7 +32,7 @@ from tunewise.trainers.pez.spec import (  # noqa: F401  (re-exported: trainer.py
     PROMPTS_FILE,
     TARGETS_DIR,
     PezSpec,
-    _generator_config,
+    generator_config,
     tiny_clip_dir,
 )
 
@@ -46,7 +46,7 @@ class PezTrainer(PezSpec):
             meta = shapes.read_meta(data_cfg["path"])
             return {"source": "path", "path": str(data_cfg["path"]), "counts": meta.get("counts"),
                     "n_rows": sum((meta.get("counts") or {}).values())}
-        cfg = _generator_config(data_cfg)
+        cfg = generator_config(data_cfg)
         out = Path(out_dir)
         meta_path = out / "meta.json"
         # cached: the same generator settings leave a complete directory alone (meta.json is written last)

@@ -117,7 +117,7 @@ def model_encoder_specs(config: dict) -> list[tuple[str, dict]]:
 
 
 @contextlib.contextmanager
-def _naming_specs(config: dict):
+def encoder_spec_errors(config: dict):
     """An encoder spec's error names where the spec came from: the shared encoder, or the groups."""
     try:
         yield
@@ -228,7 +228,7 @@ class TextCapsSpec:
         if int(config["train"]["workers"]) < 0:
             raise ValueError(f"train.workers: must be >= 0, got {config['train']['workers']}")
         # the encoder specs, checked without building them (no torch); TextCapsTrainer.check_config builds them
-        with _naming_specs(config):
+        with encoder_spec_errors(config):
             for _, spec in model_encoder_specs(config):
                 check_encoder_spec(spec, vocab_size=VOCAB_SIZE, max_len=int(data["max_len"]))
 

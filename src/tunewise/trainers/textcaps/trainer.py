@@ -34,8 +34,8 @@ from tunewise.trainers.textcaps.spec import (  # noqa: F401  (re-exported: train
     DEFAULT_CONFIG,
     DEFAULT_DATA,
     TextCapsSpec,
-    _naming_specs,
     encoder_spec,
+    encoder_spec_errors,
     model_encoder_specs,
 )
 
@@ -160,7 +160,7 @@ class TextCapsTrainer(TextCapsSpec):
         the weights tell (a state dict that does not fit its trunk, a truncated file) fails at data preparation,
         before any training."""
         super().check_config(config)
-        with _naming_specs(config), torch.random.fork_rng(devices=[]):  # a check must not move the caller's RNG
+        with encoder_spec_errors(config), torch.random.fork_rng(devices=[]):  # a check must not move the caller's RNG
             build_model(config, 2)
 
     def prepare_data(self, data_cfg: dict, out_dir: Path, threads: int) -> dict:
