@@ -1,4 +1,4 @@
-# tunewise: baseline -> diagnose -> optimize -> multi-seed significance -> finalize (-> design, latent).
+# tunewise: baseline -> diagnose -> optimize -> multi-seed significance -> finalize (-> design, for trainers with one).
 # Run: snakemake --cores 8 --resources gpu=1   (see README.md)
 import os
 

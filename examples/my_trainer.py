@@ -159,7 +159,7 @@ class MyTrainer:
         result.metrics["n_train"] = n_train
         return result.metrics
 
-    def evaluate_test(self, config: dict, checkpoint: Path, device) -> dict:
+    def evaluate_test(self, config: dict, checkpoint: Path, device, out_dir: Path) -> dict:
         from tunewise.runs import load_checkpoint
 
         data, y_scale = self._splits(config, device)

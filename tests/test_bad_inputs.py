@@ -236,3 +236,16 @@ def test_bad_config_stops_a_snakemake_dry_run_before_any_job(case, tmp_path):
     missing = [f for f in case["expect"] if f not in out]
     assert not missing, f"snakemake output lacks {missing}:\n{out[-3000:]}"
     assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("step, out, message", [
+    ("nope", "data/nope/step.json", "has no preparation step 'nope' (its toy_trainer:CapableToy trainer declares: warmup)"),
+    ("warmup", "elsewhere/step.json", "--out must be"),
+])
+def test_prepare_step_refuses_an_undeclared_step_or_a_misplaced_output(tmp_path, capsys, step, out, message):
+    exp_file = _resolve(tmp_path, {"experiments": {"cap": {"trainer": "toy_trainer:CapableToy"}}}, "cap")
+    out = tmp_path / "results" / "cap" / out
+    argv = ["prepare-step", "--experiment-file", str(exp_file), "--step", step, "--out", str(out)]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()

@@ -5,6 +5,7 @@ validates the config through each trainer's spec. The light jobs (resolve, diagn
 select-best, report-index) read a trainer's knobs and settings the same way. Importing torch costs seconds each
 time, so these tests run each entry in a fresh interpreter and look at sys.modules.
 """
+import re
 import subprocess
 import sys
 
@@ -91,7 +92,14 @@ def _imports(name: str, path, modules: dict, top_level_only: bool) -> set[str]:
     return {m for m in found if m in modules and m != name}
 
 
+# a trainer's report sections (`report_sections`) live beside it but belong to the report layer: the trainer
+# names them as strings and never imports them; the report writers do
+REPORT_SECTION_MODULE = re.compile(r"^tunewise\.trainers\.[a-z_]+\.report$")
+
+
 def _layer(module: str) -> int:
+    if REPORT_SECTION_MODULE.match(module):
+        return LAYERS["reports"]
     parts = module.split(".")
     return LAYERS[parts[1] if len(parts) > 1 else parts[0]]
 
@@ -131,3 +139,32 @@ def test_no_module_imports_another_modules_private_names():
                 found += [f"{name}: from {node.module} import {a.name}" for a in node.names
                           if a.name.startswith("_") and not a.name.startswith("__")]  # dunders are public
     assert found == []
+
+
+# --- trainer knowledge stays in trainers/ ---------------------------------------------------------------------
+
+TRAINER_NAME = re.compile(r"\b(" + "|".join(sorted(BUILTIN)) + r")\b", re.IGNORECASE)
+
+
+def test_no_builtin_trainer_is_named_outside_trainers():
+    """What a trainer needs (a preparation step, report sections, a design phase, its thresholds) it declares in
+    its capabilities: the workflow and the phases never name one, so a fourth trainer touches only trainers/."""
+    root = SRC.parent
+    files = [p for p in (SRC / "tunewise").rglob("*") if p.is_file() and p.suffix in (".py", ".j2")
+             and "trainers" not in p.relative_to(SRC / "tunewise").parts[:1]]
+    files += [p for p in (root / "workflow").rglob("*") if p.is_file()] + [root / "Snakefile"]
+    named = [f"{p.relative_to(root)}:{i}: {line.strip()}" for p in sorted(files)
+             for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if TRAINER_NAME.search(line)]
+    assert len(files) > 40
+    assert named == []
+
+
+def test_the_builtin_report_sections_are_report_layer_modules_that_load():
+    """A built-in trainer's sections live in its `report` module (the report layer, per the rule above) and load."""
+    from tunewise.reports.sections import load_section
+
+    declared = [t for name in SPECS for t in get_spec(name).report_sections]
+    assert len(declared) >= 2
+    for target in declared:
+        assert REPORT_SECTION_MODULE.match(target.partition(":")[0]), target
+        assert callable(load_section(target))

@@ -1,4 +1,4 @@
-"""The pez trainer through the whole workflow (issue 5): shapes data, the tiny CLIP (rule train_clip),
+"""The pez trainer through the whole workflow (issue 5): shapes data, the tiny CLIP (its preparation step `clip`),
 baseline, diagnosis, optimisation, significance and finalisation, with reports that show the prompts found,
 the similarity curve and the target images, all read from files the workflow wrote."""
 from __future__ import annotations
@@ -42,7 +42,9 @@ def test_tiny_clip_is_trained_once_before_the_baseline_and_tracked(workflow):
     assert 0 < clip["retrieval_val_test"]["image_to_caption_top5"] <= 1
     client = MlflowClient(f"sqlite:///{workflow / 'mlflow.db'}")
     exp = client.get_experiment_by_name("pez_tiny")
-    runs = client.search_runs([exp.experiment_id], "attributes.run_name = 'tiny-clip'")
+    # the pez trainer's declared preparation step `clip`: one job, one MLflow run named after the step
+    assert json.loads((res / "data" / "clip" / "step.json").read_text())["step"] == "clip"
+    runs = client.search_runs([exp.experiment_id], "attributes.run_name = 'clip'")
     assert len(runs) == 1
     assert runs[0].data.metrics["clip/image_to_caption_top5"] == pytest.approx(
         clip["retrieval_val_test"]["image_to_caption_top5"])
@@ -95,7 +97,7 @@ def test_reports_show_prompts_curve_and_images(workflow):
     assert "## Prompts found (val split, " in opt_text
 
     final = json.loads((res / "final" / "final.json").read_text())
-    test_prompts = json.loads((res / "final" / "prompts_test.json").read_text())["targets"]
+    test_prompts = json.loads((res / "final" / "test" / "prompts_test.json").read_text())["targets"]
     assert len(test_prompts) == 8 and all(t["image_id"].startswith("test-") for t in test_prompts)
     ratio = sum(t["ratio"] for t in test_prompts) / len(test_prompts)
     assert final["test"]["test/caption_ratio"] == pytest.approx(ratio)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -75,25 +76,29 @@ def test_run_reports_every_window_and_writes_prompts(prepared, tmp_path):
                 {"name": "val/caption_ratio", "direction": "max"}, progress=False)
     assert [t["prompt"] for t in read_json(run2.path / PROMPTS_FILE)["targets"]] == [t["prompt"] for t in targets]
 
-    test = trainer.evaluate_test(copy.deepcopy(prepared), run.checkpoints / "best.pt", torch.device("cpu"))
+    tables = tmp_path / "final_test"
+    test = trainer.evaluate_test(copy.deepcopy(prepared), run.checkpoints / "best.pt", torch.device("cpu"), tables)
     assert test["test/n"] == 5 and 0 < test["test/caption_ratio"]
-    assert len(test["prompts"]) == 5 and all(p["image_id"].startswith("test-") for p in test["prompts"])
-    assert (run.path / "prompts_test.json").is_file()
+    assert all(isinstance(v, (int, float)) for v in test.values())  # tables are files, not metrics
+    prompts = read_json(tables / "prompts_test.json")
+    assert prompts["split"] == "test" and len(prompts["targets"]) == 5
+    assert all(t["image_id"].startswith("test-") and (tables / t["image"]).is_file() for t in prompts["targets"])
 
 
 def test_report_section_shows_prompts_images_and_curve(prepared, tmp_path):
-    from tunewise.reports.prompts import prompt_section
-    from tunewise.reports.render import render
+    from tunewise.reports.markdown import render
+    from tunewise.trainers.pez import report as pez_report
 
     run = RunDir(tmp_path / "run")
     run.start(prepared, 0)
     PezTrainer().run(copy.deepcopy(prepared), 1, run, Rows(), torch.device("cpu"),
                      {"name": "val/caption_ratio", "direction": "max"}, progress=False)
     report = tmp_path / "reports" / "r.md"
-    section = prompt_section(run.path / PROMPTS_FILE, run.path, report, tmp_path / "reports" / "plots", "x", "t", "baseline run")
+    section = pez_report.prompt_table(run.path / PROMPTS_FILE, run.path, report, tmp_path / "reports" / "plots", "x", "t",
+                                      "baseline run")
     assert section["n"] == 5 and all(p.is_file() for p in section["written"])
     assert section["curve"] and section["grid"]
-    text = render("_prompts.md.j2", prompts=section)
+    text = render("_prompts.md.j2", beside=Path(pez_report.__file__).parent, prompts=section)
     targets = read_json(run.path / PROMPTS_FILE)["targets"]
     for t in targets:
         assert t["caption"] in text and f"`{t['prompt']}`" in text
@@ -133,5 +138,5 @@ def test_missing_tiny_clip_is_a_clear_error(tmp_path):
     trainer.prepare_data(cfg["data"], tmp_path, threads=1)
     run = RunDir(tmp_path / "run")
     run.start(cfg, 0)
-    with pytest.raises(FileNotFoundError, match="train_clip"):
+    with pytest.raises(FileNotFoundError, match="preparation step `clip`"):
         trainer.run(cfg, 0, run, Rows(), torch.device("cpu"), {"name": "val/caption_ratio", "direction": "max"})

@@ -255,7 +255,7 @@ def test_sweep_plots_are_written(tmp_path):
 def test_sweep_section_renders_the_file_numbers(tmp_path):
     s = _with_histories(tmp_path)
     sweep_json = tmp_path / "results" / "sweep.json"
-    write_json(sweep_json, s)
+    write_json(sweep_json, {**s, "checks": sweep_checks(s)})  # as select-best writes it
     report = tmp_path / "reports" / "optimization_results.md"
     ctx = sweep_context(sweep_json, report, tmp_path / "reports" / "plots")
     assert [row["slot"] for row in ctx["trials"]] == [3, 1, 0, 2, 4, 5, 6]  # best first, pruned, failed last
@@ -284,7 +284,7 @@ def test_sweep_section_renders_the_file_numbers(tmp_path):
 def test_optimization_results_includes_the_sweep_section_only_when_given(tmp_path):
     s = _with_histories(tmp_path)
     exp = tmp_path / "results" / "demo"
-    write_json(exp / "optimize" / "sweep" / "sweep.json", s)
+    write_json(exp / "optimize" / "sweep" / "sweep.json", {**s, "checks": sweep_checks(s)})
     write_json(exp / "diagnosis" / "diagnosis.json", {
         "experiment": "demo", "trainer": "latent", "metric": {"name": METRIC, "direction": "max"},
         "strategy": {"requested": "sweep", "chosen": "sweep", "reason": "requested"}})
@@ -303,3 +303,16 @@ def test_optimization_results_includes_the_sweep_section_only_when_given(tmp_pat
     assert reports / "plots" / "sweep_isolation.png" in written
     write_optimization_results(*args, reports)
     assert "## Sweep" not in (reports / "optimization_results.md").read_text()
+
+
+def test_sweep_section_shows_the_checks_select_best_recorded_and_refuses_a_file_without(tmp_path):
+    """The report prints the checks of sweep.json, not a judgement of its own made later (thresholds may differ)."""
+    s = _with_histories(tmp_path)
+    sweep_json = tmp_path / "results" / "sweep.json"
+    recorded = [{**c, "summary": f"recorded: {c['summary']}"} for c in sweep_checks(s)]
+    write_json(sweep_json, {**s, "checks": recorded})
+    ctx = sweep_context(sweep_json, tmp_path / "reports" / "r.md", tmp_path / "reports" / "plots")
+    assert [c["summary"] for c in ctx["checks"]] == [c["summary"] for c in recorded]
+    write_json(sweep_json, s)
+    with pytest.raises(ValueError, match="no `checks`"):
+        sweep_context(sweep_json, tmp_path / "reports" / "r.md", tmp_path / "reports" / "plots")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tunewise.reports.groups import group_section, val_confusion
+from tunewise.trainers.textcaps.report import val_confusion
 from tunewise.reports.plots import group_columns, plot_confusion, plot_group_curves
 from tunewise.reports.render import fmt, write_diagnostic_report, write_final_report
 from tunewise.runs import CONFUSION_FILE, RunDir, write_json
@@ -107,12 +107,12 @@ def test_final_report_puts_test_per_group_accuracy_next_to_validation(tmp_path):
     made = _group_run(exp / "final" / "run", best_step=5)
     test = {"test/acc/majority": 0.9123, "test/acc/minority": 0.6487, "test/worst_group_acc": 0.6487,
             "test/avg_acc": 0.7805, "test/acc": 0.8859}
-    write_json(exp / "final" / "confusion_test.json", {"split": "test", "classes": CLASSES,
+    write_json(exp / "final" / "test" / "confusion_test.json", {"split": "test", "classes": CLASSES,
                                                        "matrix": [[40, 2, 1], [3, 30, 5], [0, 4, 33]]})
     write_json(exp / "final" / "final.json", {
         "chosen_side": "optimized", "decision": "A", "config_path": "c.yaml", "run_dir": str(exp / "final" / "run"),
         "val": {"best": made["rows"][4][PRIMARY], "best_step": 5}, "test": test, "checkpoints": {},
-        "confusion": str(exp / "final" / "confusion_test.json")})
+        "trainer": "textcaps", "tables": str(exp / "final" / "test")})
     write_json(exp / "significance" / "decision.json", {"option": "A", "label": "ok", "chosen_side": "optimized",
                                                         "rationale": "r", "target": None, "target_met": None})
     written = write_final_report(exp / "final" / "final.json", exp / "significance" / "decision.json",
@@ -123,4 +123,4 @@ def test_final_report_puts_test_per_group_accuracy_next_to_validation(tmp_path):
     assert f"| **worst_group_acc** | {fmt(best['val/worst_group_acc'])} | {fmt(test['test/worst_group_acc'])} |" in text
     assert "(test)" in text  # the confusion matrix shown is the test split's
     assert any(p.name == "final_confusion.png" for p in written)
-    json.loads((exp / "final" / "confusion_test.json").read_text())
+    json.loads((exp / "final" / "test" / "confusion_test.json").read_text())

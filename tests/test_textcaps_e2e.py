@@ -89,7 +89,7 @@ def test_reports_show_per_group_accuracy_from_the_run_files(workflow):
     assert "| group | validation | test |" in final_text
     for group in ("majority", "minority"):
         assert float(_cell(final_text, group)[1]) == pytest.approx(final["test"][f"test/acc/{group}"], abs=5e-4)
-    test_confusion = json.loads((res / "final" / "confusion_test.json").read_text())
+    test_confusion = json.loads((res / "final" / "test" / "confusion_test.json").read_text())
     assert sum(map(sum, test_confusion["matrix"])) == final["test"]["test/n"] == 400
     assert "(test)" in final_text and (reports / "plots" / "final_confusion.png").exists()
     assert "confusion" not in final["test"]  # a table, not a metric

@@ -76,7 +76,9 @@ def test_run_writes_per_group_metrics(tmp_path, tiny):
     assert metrics["primary"]["best"] == pytest.approx(hist["val/worst_group_acc"].max())
     assert metrics["group_counts"]["majority"] + metrics["group_counts"]["minority"] == 300
     assert read_json(run.metrics_path)["status"] == "done"
-    test = TextCapsTrainer().evaluate_test(tiny, run.checkpoints / "best.pt", torch.device("cpu"))
+    test = TextCapsTrainer().evaluate_test(tiny, run.checkpoints / "best.pt", torch.device("cpu"), tmp_path / "test")
+    confusion = read_json(tmp_path / "test" / "confusion_test.json")  # a table, written beside the metrics
+    assert confusion["split"] == "test" and sum(map(sum, confusion["matrix"])) == test["test/n"]
     assert test["test/n"] == 50 and 0.0 <= test["test/worst_group_acc"] <= test["test/avg_acc"] <= 1.0
 
 

@@ -82,5 +82,42 @@ def test_prepare_run_and_evaluate_give_what_the_phases_read(name, tmp_path):
     assert all(trainer.primary_metric in row and "train/loss" in row for _, row in reported)
     assert math.isfinite(float(metrics["primary"]["best"])) and metrics["primary"]["name"] == trainer.primary_metric
     assert (run.checkpoints / "best.pt").exists() and (run.checkpoints / "last.pt").exists()
-    test = trainer.evaluate_test(config, run.checkpoints / "best.pt", device)
+    test = trainer.evaluate_test(config, run.checkpoints / "best.pt", device, tmp_path / "test")
     assert test and all(k.startswith("test/") and math.isfinite(float(v)) for k, v in test.items()), test
+
+
+@pytest.mark.parametrize("name", [*ALL, "toy_trainer:CapableToy"])
+def test_the_optional_capabilities_have_the_protocols_shapes(name):
+    """Declared or defaulted (trainers/base.py: Capabilities), each capability answers in the form the phases
+    and the workflow read; no trainer's answer depends on which trainer it is."""
+    import pandas as pd
+
+    from tunewise.phases.diagnose import DEFAULT_THRESHOLDS
+    from tunewise.reports.sections import load_section
+    from tunewise.trainers.base import capability
+
+    trainer = _declared(name)
+    config = trainer.default_config()
+    steps = capability(trainer, "preparation_steps")(config)
+    assert isinstance(steps, dict) and all(isinstance(k, str) and k.isidentifier() for k in steps)
+    assert all(isinstance(v, str) and v for v in steps.values())
+    for target in capability(trainer, "report_sections"):
+        assert callable(load_section(target))
+    thresholds = capability(trainer, "diagnosis_thresholds")
+    assert isinstance(thresholds, dict) and all(isinstance(v, (int, float)) for v in thresholds.values())
+    history = pd.DataFrame({"step": [1, 2, 3], trainer.primary_metric: [0.1, 0.2, 0.3], "train/loss": [3.0, 2.0, 1.0]})
+    findings = capability(trainer, "extra_findings")(history, {"status": "done"}, {**DEFAULT_THRESHOLDS, **thresholds})
+    assert isinstance(findings, list)
+    patterns = capability(trainer, "recommendation_patterns")()
+    assert isinstance(patterns, dict) and all(callable(p) for p in patterns.values())
+    for finding in findings:  # a finding of its own is one its patterns turn into a change of its knobs
+        assert finding["root_cause"] in patterns
+        for knob, *_ in patterns[finding["root_cause"]](finding, config, trainer.knobs):
+            assert knob in trainer.knobs
+
+
+def test_a_trainer_without_a_step_refuses_one():
+    from tunewise.trainers.base import capability
+
+    with pytest.raises(KeyError, match="no preparation step 'x'"):
+        capability(get_trainer("toy_trainer:ToyTrainer"), "prepare_step")("x", {}, REPO, 1)

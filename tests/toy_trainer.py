@@ -95,7 +95,7 @@ class ToyTrainer:
                    train_batches=batches, steps_per_epoch=steps, train_step=step, evaluate=evaluate,
                    primary=metric["name"], direction=metric["direction"], progress=progress).metrics
 
-    def evaluate_test(self, config, checkpoint, device):
+    def evaluate_test(self, config, checkpoint, device, out_dir):
         from tunewise.runs import load_checkpoint
 
         model = self._model(config)
@@ -103,3 +103,60 @@ class ToyTrainer:
         _, _, xv, yv = self._data(config)
         with torch.no_grad():
             return {"test/neg_mse": -float(((model(xv).squeeze(-1) - yv) ** 2).mean())}
+
+
+class CapableToy(ToyTrainer):
+    """The ToyTrainer with every optional capability (trainers/base.py: Capabilities), for the tests that check
+    the phases and the workflow use them without knowing the trainer: a preparation step, a finding and its
+    recommendation of its own, a threshold of its own, a test table and a report section."""
+
+    name = "capable_toy"
+    diagnosis_thresholds = {"toy_dropout_max": 0.05}
+    report_sections = ("toy_trainer:toy_section",)
+
+    def preparation_steps(self, config):
+        return {"warmup": "write the toy's warm-up file"}
+
+    def prepare_step(self, step, config, out_dir, threads):
+        import json
+        from pathlib import Path
+
+        assert step == "warmup"
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "warmup.json").write_text(json.dumps({"threads": threads}))
+        return {"params": {"warmup.threads": threads}, "metrics": {"warmup/value": 1.5},
+                "files": [out_dir / "warmup.json"], "message": "toy warm-up written"}
+
+    def extra_findings(self, history, metrics, thresholds):
+        # fires on any run (the toy has no dropout worth keeping): evidence from the history, as a real rule's
+        return [{"id": "toy_flag", "root_cause": "toy_cause", "severity": "high",
+                 "summary": "the toy's own rule fired",
+                 "evidence": {"rows": len(history), "toy_dropout_max": thresholds["toy_dropout_max"]}}]
+
+    def recommendation_patterns(self):
+        def toy_cause(finding, config, knobs):
+            return [("weight_decay", "set", 0.001, "high", "low", "low", "the toy's own recommendation")]
+
+        return {"toy_cause": toy_cause}
+
+    def evaluate_test(self, config, checkpoint, device, out_dir):
+        import json
+        from pathlib import Path
+
+        test = super().evaluate_test(config, checkpoint, device, out_dir)
+        (Path(out_dir) / "toy_table.json").write_text(json.dumps({"rows": [[1, 2], [3, 4]]}))
+        return test
+
+
+def toy_section(ctx):
+    """CapableToy's report section: the runs it was given and, in the final report, its test table."""
+    from tunewise.reports.sections import Section
+
+    lines = [f"## Toy section ({ctx.report})", "", f"runs: {', '.join(ctx.runs)}; shown: {ctx.run_label}"]
+    if ctx.tables_dir is not None:
+        lines.append(f"test table: {(ctx.tables_dir / 'toy_table.json').read_text()}")
+    path = ctx.plots_dir / f"{ctx.name}_toy.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("toy figure")
+    return Section("\n".join(lines) + "\n", [path])

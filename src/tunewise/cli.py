@@ -61,11 +61,11 @@ def cmd_prepare_data(args) -> None:
     prepare_data(_experiment(args), _exp_dir(args), Path(args.out), threads=args.threads, rule=args.rule)
 
 
-def cmd_train_clip(args) -> None:
-    """The embedded tiny CLIP of a pez experiment, trained on its prepared shapes (cached on the data)."""
-    from tunewise.phases.data import train_clip
+def cmd_prepare_step(args) -> None:
+    """One preparation step the experiment's trainer declares (cached on the data and its settings)."""
+    from tunewise.phases.data import prepare_step
 
-    train_clip(_experiment(args), Path(args.out), threads=args.threads, rule=args.rule)
+    prepare_step(_experiment(args), args.step, Path(args.out), threads=args.threads, rule=args.rule)
 
 
 def cmd_train(args) -> None:
@@ -145,7 +145,7 @@ def cmd_finalize(args) -> None:
 
 
 def cmd_design(args) -> None:
-    """Inverse design on the final model (latent trainer): design.json, the CSVs beside it, design_report.md."""
+    """Inverse design on the final model (trainers with a design phase): design.json, the CSVs beside it, design_report.md."""
     from tunewise.phases.design import design
     from tunewise.reports.design import write_design_report
 
@@ -211,11 +211,13 @@ def _setup_verbs(sub) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=cmd_prepare_data)
 
-    p = sub.add_parser("train-clip", help="train a pez experiment's embedded tiny CLIP on its prepared data")
+    p = sub.add_parser("prepare-step", help="one preparation step the experiment's trainer declares, after "
+                                            "prepare-data and before any training")
     _common(p)
-    p.add_argument("--out", required=True, help="results/<exp>/data/clip/clip_metrics.json")
+    p.add_argument("--step", required=True, help="the step's name, as the trainer's preparation_steps gives it")
+    p.add_argument("--out", required=True, help="results/<exp>/data/<step>/step.json")
     p.add_argument("--threads", type=int, default=1)
-    p.set_defaults(func=cmd_train_clip)
+    p.set_defaults(func=cmd_prepare_step)
 
 
 def _train_verbs(sub) -> None:
@@ -304,7 +306,7 @@ def _decision_verbs(sub) -> None:
 
 def _tool_verbs(sub) -> None:
     """Verbs: design (Phase 6) and tools."""
-    p = sub.add_parser("design", help="Phase 6 (latent): batched inverse design on the final model, design_report.md")
+    p = sub.add_parser("design", help="Phase 6 (trainers with a design phase): batched inverse design on the final model, design_report.md")
     _common(p)
     p.add_argument("--final", required=True, help="results/<exp>/final/final.json")
     p.add_argument("--out-dir", required=True)

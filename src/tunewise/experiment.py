@@ -10,6 +10,7 @@ from typing import Any
 
 from tunewise.config import ConfigError, deep_merge, get_dotted, validate_schema
 from tunewise.trainers import get_spec
+from tunewise.trainers.base import capability
 
 IMPLEMENTED_STRATEGIES = {"auto", "targeted", "sweep", "iterative", "none"}
 _NUMBER = (int, float)
@@ -115,7 +116,8 @@ def resolve_experiment(config: dict, name: str) -> dict:
         # the design block is part of the trainer config: the optimisation phases can tune its knobs
         _check_against_defaults(exp["design"], defaults["design"], f"{where}.design", trainer.open_config_keys, "design")
     elif exp["design"]:
-        raise ConfigError(f"{where}.design: the {exp['trainer']} trainer has no design phase (only latent has)")
+        raise ConfigError(f"{where}.design: the {exp['trainer']} trainer has no design phase (a trainer has one "
+                          f"when its default config has a design block)")
     resolved = deep_merge(defaults, {"data": exp["data"]})
     if "design" in defaults:
         resolved = deep_merge(resolved, {"design": exp["design"]})
@@ -143,6 +145,14 @@ def design_enabled(exp: dict) -> bool:
     """Whether a resolved experiment ends with a design phase: its trainer has one and it is not switched off."""
     design = exp["baseline"].get("design")
     return isinstance(design, dict) and bool(design.get("enabled", True))
+
+
+def preparation_steps(exp: dict) -> list[str]:
+    """The preparation steps a resolved experiment's trainer declares for its config, in order (no torch)."""
+    try:
+        return list(capability(get_spec(exp["trainer"]), "preparation_steps")(exp["baseline"]))
+    except (KeyError, ValueError) as e:
+        raise ConfigError(f"experiments.{exp['name']}: preparation steps: {e}") from None
 
 
 def validate(config: Any) -> dict:

@@ -70,6 +70,11 @@ def read_json(path: Path) -> Any:
         return json.load(f)
 
 
+def read_json_if_exists(path: Path | None) -> Any:
+    """read_json for a file that may not be there yet (a phase not run, an optional table): None then."""
+    return read_json(path) if path is not None and Path(path).is_file() else None
+
+
 def finite_float(value: Any) -> float | None:
     """A finite float from a value read back from JSON, else None: numbers (numpy scalars too) and numeric
     strings count, while None, booleans, words and the "inf"/"-inf" strings write_json leaves for infinities

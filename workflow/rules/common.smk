@@ -5,7 +5,7 @@ import os
 from snakemake.exceptions import WorkflowError
 
 from tunewise.config import ConfigError
-from tunewise.experiment import design_enabled, resolve_experiment, validate
+from tunewise.experiment import design_enabled, preparation_steps, resolve_experiment, validate
 from tunewise.devices import gpus_to_request
 
 try:
@@ -17,8 +17,10 @@ config.clear()
 config.update(_validated)
 
 EXPERIMENTS = list(config["experiments"])
-# experiments whose trainer designs (latent) with the design block switched on: they end with the design rule
+# experiments whose trainer has a design phase, with the design block switched on: they end with the design rule
 DESIGN_EXPERIMENTS = [e for e in EXPERIMENTS if design_enabled(resolve_experiment(config, e))]
+# the preparation steps each experiment's trainer declares (a model its data must train first, e.g.)
+PREPARATION_STEPS = {e: preparation_steps(resolve_experiment(config, e)) for e in EXPERIMENTS}
 
 # The software each rule runs with, for `--software-deployment-method conda`; by default the rules run in
 # the environment `make install` made, where the `tunewise` CLI is on PATH.
@@ -31,6 +33,7 @@ wildcard_constraints:
     seed=r"\d+",
     trial=r"\d+",
     gate="diagnostics|optimization_complete",
+    step=r"[A-Za-z0-9_-]+",
 
 
 def exp_cfg(wildcards):
@@ -45,18 +48,11 @@ def experiment_json(wildcards):
     )
 
 
-def needs_tiny_clip(exp):
-    """A pez experiment without weights of its own uses the tiny CLIP the train_clip rule trains."""
-    clip = exp.get("data", {}).get("clip") or {}
-    return exp["trainer"] == "pez" and not clip.get("checkpoint") and not clip.get("pretrained")
-
-
 def data_ready(wildcards):
-    """What a training job needs before it starts: the prepared data (and, for pez, the trained tiny CLIP)."""
-    out = [f"results/{wildcards.exp}/data/ready.json"]
-    if needs_tiny_clip(exp_cfg(wildcards)):
-        out.append(f"results/{wildcards.exp}/data/clip/clip_metrics.json")
-    return out
+    """What a training job needs before it starts: the prepared data and the preparation steps its trainer
+    declares for this experiment's config (`preparation_steps`, known at the parse: config.py resolved it)."""
+    steps = PREPARATION_STEPS[wildcards.exp]
+    return [f"results/{wildcards.exp}/data/ready.json", *(f"results/{wildcards.exp}/data/{s}/step.json" for s in steps)]
 
 
 def threads_for(wildcards):

@@ -31,21 +31,23 @@ rule prepare_data:
         " --rule prepare_data > {log:q} 2>&1"
 
 
-rule train_clip:
+rule prepare_step:
+    # one job per preparation step the experiment's trainer declares (Trainer.preparation_steps), e.g. a model
+    # the data must train before any run; every training job waits for them (common.smk: data_ready)
     input:
         exp="results/{exp}/experiment.yaml",
         data="results/{exp}/data/ready.json",
     output:
-        "results/{exp}/data/clip/clip_metrics.json",
+        "results/{exp}/data/{step}/step.json",
     conda:
         CONDA_ENV
     log:
-        "results/{exp}/logs/train_clip.log",
+        "results/{exp}/logs/prepare_step_{step}.log",
     threads: threads_for
     resources:
         gpu=0,
         mem_mb=mem_for,
         runtime=runtime_for,
     shell:
-        "tunewise train-clip --experiment-file {input.exp:q} --out {output:q} --threads {threads}"
-        " --rule train_clip > {log:q} 2>&1"
+        "tunewise prepare-step --experiment-file {input.exp:q} --step {wildcards.step:q} --out {output:q}"
+        " --threads {threads} --rule prepare_step > {log:q} 2>&1"

@@ -1,5 +1,5 @@
 rule design:
-    """Latent inverse design on the final model: design.json, trajectories/latents/descriptors CSVs, design_report.md."""
+    """Inverse design on the final model (trainers with a design phase): design.json, trajectories/latents/descriptors CSVs, design_report.md."""
     input:
         exp="results/{exp}/experiment.yaml",
         data=data_ready,

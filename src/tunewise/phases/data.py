@@ -1,4 +1,5 @@
-"""The data phase: an experiment's prepared data (cached) and, for a pez experiment, its embedded tiny CLIP."""
+"""The data phase: an experiment's prepared data (cached) and the preparation steps its trainer declares (a model
+the data must train before any run, e.g.), each one job."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,7 +15,7 @@ def prepare_data(exp: dict, exp_dir: Path, out: Path, *, threads: int = 1, rule:
 
     trainer = get_trainer(exp["trainer"])
     try:
-        # the trainer's own checks, some of which (a textcaps model built from its weights files) need torch
+        # the trainer's own checks, some of which (a model built from its weights files) need torch
         # and so are not run at the Snakefile parse: still before any training
         trainer.check_config(exp["baseline"])
     except (ValueError, FileNotFoundError) as e:
@@ -31,52 +32,44 @@ def prepare_data(exp: dict, exp_dir: Path, out: Path, *, threads: int = 1, rule:
     return info
 
 
-def _clip_target(exp: dict, out: Path) -> Path:
-    """The folder the pez trainer reads its tiny CLIP from, checked against the rule's --out."""
-    from tunewise.trainers.pez.trainer import tiny_clip_dir
-
-    if exp["trainer"] != "pez":
-        raise CliError(f"train-clip: experiment {exp['name']!r} uses the {exp['trainer']} trainer, not pez")
-    out_dir = tiny_clip_dir(exp["baseline"])
-    if out_dir is None:
-        raise CliError(f"train-clip: experiments.{exp['name']}.data.clip names its own weights; nothing to train")
-    if out.resolve() != (out_dir / "clip_metrics.json").resolve():
-        raise CliError(f"train-clip: --out must be {out_dir / 'clip_metrics.json'} (where the pez trainer looks)")
-    return out_dir
+def step_dir(exp: dict, step: str) -> Path:
+    """Where a preparation step's files go: a folder of that name beside the prepared data, which is where the
+    trainer reads them (the rule's --out is `step.json` in it)."""
+    return Path(exp["baseline"]["data"]["prepared_dir"]) / step
 
 
-def train_clip(exp: dict, out: Path, *, threads: int | None = None, rule: str | None = None) -> dict | None:
-    """The embedded tiny CLIP of a pez experiment, trained on its prepared shapes (cached on the data and the
-    settings: None when the one in place fits). Returns its metrics."""
+def prepare_step(exp: dict, step: str, out: Path, *, threads: int | None = None, rule: str | None = None) -> dict | None:
+    """One preparation step the experiment's trainer declares (`preparation_steps`), run into its folder and
+    logged as an MLflow run named after it; `out` (step.json, written last) marks it done. Returns the
+    trainer's answer, None when the files in place already fit (cached)."""
     from tunewise.devices import set_threads
-    from tunewise.runs import read_json
-    from tunewise.trainers.base import data_root
-    from tunewise.trainers.pez.clip import train_tiny_clip
+    from tunewise.runs import write_json
+    from tunewise.trainers import get_trainer
+    from tunewise.trainers.base import capability
 
+    trainer = get_trainer(exp["trainer"])
+    declared = capability(trainer, "preparation_steps")(exp["baseline"])
+    if step not in declared:
+        raise CliError(f"prepare-step: experiment {exp['name']!r} has no preparation step {step!r} "
+                       f"(its {exp['trainer']} trainer declares: {', '.join(declared) or 'none'})")
     out = Path(out)
-    out_dir = _clip_target(exp, out)
-    config = exp["baseline"]
-    data_dir = data_root(config)  # the shapes: generated into prepared_dir, or the user's data.path
-    train = config["data"]["clip"]["train"]
-    fingerprint = read_json(data_dir / "meta.json")["fingerprint"]
-    if out.exists():
-        old = read_json(out)
-        if old.get("data_fingerprint") == fingerprint and all(old.get(k) == train[k] for k in train):
-            print(f"{out}: the tiny CLIP for these data and settings is already trained")
-            return None
-        out.unlink()  # clip_metrics.json is written last: without it the directory is incomplete
+    if out.resolve() != (step_dir(exp, step) / "step.json").resolve():
+        raise CliError(f"prepare-step: --out must be {step_dir(exp, step) / 'step.json'} (where the trainer looks)")
     threads = set_threads(threads)
-    metrics = train_tiny_clip(data_dir, out_dir, epochs=int(train["epochs"]), batch_size=int(train["batch_size"]),
-                              lr=float(train["lr"]), seed=int(train["seed"]), threads=threads)
-    r = metrics["retrieval_val_test"]
-    tracker = tracked.tracker(exp)
-    run_id = tracker.start_run("tiny-clip", tracked.base_tags(exp, "data", rule))
-    tracker.log_params(run_id, {"clip." + k: v for k, v in train.items()} | {"parameters": metrics["parameters"]})
-    tracker.log_metrics(run_id, {f"clip/{k}": v for k, v in r.items()} | {"clip/train_seconds": metrics["train_seconds"],
-                                                                          "clip/final_train_loss": metrics["final_train_loss"]})
-    tracker.log_artifact(run_id, out)
-    tracker.end_run(run_id)
-    print(f"tiny CLIP: {metrics['parameters'] / 1e6:.1f}M parameters, {metrics['train_seconds']:.0f} s; held-out "
-          f"image->caption top-1 {r['image_to_caption_top1']:.3f}, top-5 {r['image_to_caption_top5']:.3f} "
-          f"({r['n_images']} images) -> {out}")
-    return metrics
+    try:
+        result = capability(trainer, "prepare_step")(step, exp["baseline"], step_dir(exp, step), threads)
+    except ValueError as e:
+        raise CliError(f"experiments.{exp['name']}: preparation step {step!r}: {e}") from None
+    if result is None:
+        print(f"{step_dir(exp, step)}: step {step!r} is already done for these data and settings")
+    else:
+        tracker = tracked.tracker(exp)
+        run_id = tracker.start_run(step, tracked.base_tags(exp, "data", rule))
+        tracker.log_params(run_id, result.get("params") or {})
+        tracker.log_metrics(run_id, result.get("metrics") or {})
+        tracked.log_files(tracker, run_id, result.get("files") or [])
+        tracker.end_run(run_id)
+        print(f"{result.get('message') or f'step {step!r} done'} -> {step_dir(exp, step)}")
+    write_json(out, {"experiment": exp["name"], "step": step, "description": declared[step],
+                     "metrics": (result or {}).get("metrics")})
+    return result

@@ -38,8 +38,8 @@ DEFAULT_THRESHOLDS: dict = {
     "val_jitter_rel": 0.15,
     # ... and when the training counterpart evaluated at the same epochs jumps too (std of its first differences
     # over the second half above this share of its range), the weights themselves move too far per epoch: the
-    # learning rate is too high rather than the validation set too small. Measured on real latent runs
-    # (bench `trust`): trainer-default LR 0.1-0.5% of the range, 10x that LR 1.5-9.5%.
+    # learning rate is too high rather than the validation set too small. Measured on real runs of the
+    # built-in regression trainer (bench `trust`): trainer-default LR 0.1-0.5% of the range, 10x that LR 1.5-9.5%.
     "train_jitter_rel": 0.01,
     # update-to-weight ratio |delta theta| / |theta| per optimizer step (the loop's `update_ratio`, median over
     # sampled steps of each epoch): CS231n's rule of thumb puts a healthy step near 1e-3; a median over the
@@ -327,7 +327,7 @@ def _bounded(primary: str) -> bool:
 
 def thresholds_for(trainer, exp: dict) -> dict | None:
     """The thresholds a diagnosis of this experiment uses: the trainer's own (`diagnosis_thresholds`, for curves
-    that behave differently, e.g. PEZ's loss at projected prompts), then the experiment's `diagnose.thresholds`."""
+    that behave differently, e.g. a loss measured at projected prompts), then the experiment's `diagnose.thresholds`."""
     merged = {**(getattr(trainer, "diagnosis_thresholds", None) or {}),
               **((exp.get("diagnose") or {}).get("thresholds") or {})}
     return merged or None
@@ -456,6 +456,27 @@ def diagnose(history: pd.DataFrame, metrics: dict, primary: str, direction: str,
     return _sorted(found)
 
 
+FINDING_KEYS = ("id", "root_cause", "severity", "summary", "evidence")
+
+
+def trainer_findings(trainer, history: pd.DataFrame, metrics: dict, metric: dict, thresholds: dict) -> list[dict]:
+    """The generic findings and those the trainer adds (`extra_findings`), sorted as `diagnose` sorts. The
+    thresholds a trainer declares beyond the generic ones (`diagnosis_thresholds`) are its rules' alone."""
+    from tunewise.trainers.base import capability
+
+    own = set(capability(trainer, "diagnosis_thresholds")) - set(DEFAULT_THRESHOLDS)
+    generic = {k: v for k, v in thresholds.items() if k not in own}
+    findings = diagnose(history, metrics, metric["name"], metric["direction"], generic or None)
+    extra = capability(trainer, "extra_findings")(history, metrics, {**DEFAULT_THRESHOLDS, **thresholds})
+    for f in extra:
+        missing = [k for k in FINDING_KEYS if k not in f]
+        if missing or f["severity"] not in SEVERITY_ORDER:
+            raise ValueError(f"trainer {trainer.name!r}: extra_findings gave {f.get('id', f)!r} without "
+                             f"{missing or 'a known severity'} (a finding has {', '.join(FINDING_KEYS)}; severity one "
+                             f"of {', '.join(SEVERITY_ORDER)})")
+    return _sorted(findings + list(extra))
+
+
 def _sorted(findings: list[dict]) -> list[dict]:
     return sorted(findings, key=lambda f: (SEVERITY_ORDER[f["severity"]], f["id"]))
 
@@ -525,13 +546,14 @@ def plan(exp: dict, run_dir: str | Path) -> dict:
     from tunewise.phases.recommend import recommend, to_patch
     from tunewise.runs import RunDir
     from tunewise.trainers import get_spec
+    from tunewise.trainers.base import capability
 
     trainer = get_spec(exp["trainer"])  # knobs and thresholds: no torch in the diagnose job
     metric = exp["metric"]
     history, metrics = load_run(run_dir)
-    findings = diagnose(history, metrics, metric["name"], metric["direction"], thresholds_for(trainer, exp))
+    findings = trainer_findings(trainer, history, metrics, metric, thresholds_for(trainer, exp) or {})
     config = RunDir(run_dir).config()
-    recs = recommend(findings, config, trainer.knobs)
+    recs = recommend(findings, config, trainer.knobs, capability(trainer, "recommendation_patterns")())
     patch, changes = to_patch(recs, config, trainer.knobs, top_n=exp["optimize"]["max_recommendations"])
     for key, value in (exp["optimize"].get("overrides") or {}).items():
         old = get_dotted(config, key)

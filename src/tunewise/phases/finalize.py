@@ -9,6 +9,8 @@ from pathlib import Path
 
 from tunewise.phases import CliError, tracked
 
+TEST_TABLES_DIR = "test"  # under final/: the tables evaluate_test writes (trainers' report sections read them)
+
 
 def _final_training(exp: dict, exp_dir: Path, decision: dict, config_path: Path, run_dir: Path,
                     threads: int | None, rule: str | None) -> dict:
@@ -28,19 +30,18 @@ def _final_training(exp: dict, exp_dir: Path, decision: dict, config_path: Path,
     return metrics
 
 
-def _test_tables(test: dict, out: Path) -> tuple[dict | None, dict | None]:
-    """A trainer's tables in evaluate_test's answer (a test confusion matrix, pez prompts) are files, not
-    metrics: written beside final.json and taken out of `test`."""
-    from tunewise.runs import write_json
-
-    # a trainer may add its test confusion matrix; it is a table, not a metric
-    confusion = test.pop("confusion", None)
-    if confusion is not None:
-        write_json(out / "confusion_test.json", confusion)
-    prompts = test.pop("prompts", None)  # the pez trainer's per-target prompts on the test split
-    if prompts is not None:
-        write_json(out / "prompts_test.json", {"split": "test", "targets": prompts})
-    return confusion, prompts
+def _test_tables(trainer, config: dict, checkpoint: Path, device, out: Path) -> tuple[dict, list[Path]]:
+    """The test split's metrics, and the tables the trainer wrote beside them (a confusion matrix, the prompts
+    found: files its report sections read) in `out/test/`, emptied first so a rerun leaves nothing stale."""
+    tables_dir = out / TEST_TABLES_DIR
+    shutil.rmtree(tables_dir, ignore_errors=True)
+    tables_dir.mkdir(parents=True)
+    test = trainer.evaluate_test(config, checkpoint, device, tables_dir)
+    not_metrics = sorted(k for k, v in test.items() if not isinstance(v, (int, float)) or isinstance(v, bool))
+    if not_metrics:
+        raise CliError(f"evaluate_test of trainer {trainer.name!r} returned non-numbers {not_metrics}: tables "
+                       f"belong in the folder it is given ({tables_dir})")
+    return test, sorted(p for p in tables_dir.rglob("*") if p.is_file())
 
 
 def finalize(exp: dict, exp_dir: Path, decision_path: Path, baseline_config: Path, optimized_config: Path,
@@ -62,12 +63,13 @@ def finalize(exp: dict, exp_dir: Path, decision_path: Path, baseline_config: Pat
     trainer = get_trainer(exp["trainer"])
     config = load_yaml(config_path)
     # the test split is touched here, once, with the best checkpoint
-    test = trainer.evaluate_test(config, run.checkpoints / "best.pt", resolve_device(exp["device"]))
-    confusion, prompts = _test_tables(test, out)
+    test, tables = _test_tables(trainer, config, run.checkpoints / "best.pt", resolve_device(exp["device"]), out)
     shutil.copyfile(run.checkpoints / "best.pt", out / "best_model_optimized.pt")
     shutil.copyfile(run.checkpoints / "last.pt", out / "last_model_optimized.pt")
     atomic_write_text(out / "final_config.yaml", config_path.read_text(encoding="utf-8"))
     final = {
+        "experiment": exp["name"],
+        "trainer": exp["trainer"],
         "chosen_side": decision["chosen_side"],
         "decision": decision["option"],
         "config_path": str(out / "final_config.yaml"),
@@ -75,8 +77,7 @@ def finalize(exp: dict, exp_dir: Path, decision_path: Path, baseline_config: Pat
         "val": {"best": metrics["primary"]["best"], "best_step": metrics["best_step"]},
         "test": test,
         "checkpoints": {"best": str(out / "best_model_optimized.pt"), "last": str(out / "last_model_optimized.pt")},
-        "confusion": str(out / "confusion_test.json") if confusion is not None else None,
-        "prompts": str(out / "prompts_test.json") if prompts is not None else None,
+        "tables": str(out / TEST_TABLES_DIR),  # what evaluate_test wrote beside the metrics
     }
     write_json(out / "final.json", final)
     reports = report(out / "final.json") if report else []
@@ -84,6 +85,9 @@ def finalize(exp: dict, exp_dir: Path, decision_path: Path, baseline_config: Pat
     run_id = run.info()["mlflow_run_id"]
     tracker.log_metrics(run_id, test)
     tracked.log_files(tracker, run_id, [out / "final.json", out / "final_config.yaml", *reports])
+    for table in tables:  # under test/ in the run's artifacts, in the folders the trainer made
+        folder = table.parent.relative_to(out).as_posix()
+        tracker.log_artifact(run_id, table, folder)
     primary_test = exp["metric"]["name"].replace("val/", "test/", 1)
     print(f"finalized {exp['name']} with the {decision['chosen_side']} config: {primary_test} = {test.get(primary_test)}")
     return final

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from tunewise.runs import RunDir, read_json
+from tunewise.runs import RunDir, read_json, read_json_if_exists
 
 
 def _num(value) -> str:
@@ -38,7 +38,7 @@ def diagnostics_checks(exp_dir: Path, reports_dir: Path) -> list[dict]:
         finished and rows == metrics.get("epochs_run", -1),
         f"status {baseline.status}, {rows} history rows, epochs_run {metrics.get('epochs_run')}",
     ))
-    diag = read_json(diag_path) if diag_path.exists() else None
+    diag = read_json_if_exists(diag_path)
     checks.append(_check("diagnosis.json written", diag is not None, str(diag_path)))
     if diag is None:
         return checks
@@ -94,8 +94,8 @@ def optimization_checks(exp_dir: Path, reports_dir: Path, optimize_run: Path | N
     diag = read_json(exp_dir / "diagnosis" / "diagnosis.json")
     sig_path = exp_dir / "significance" / "significance.json"
     dec_path = exp_dir / "significance" / "decision.json"
-    sig = read_json(sig_path) if sig_path.exists() else None
-    dec = read_json(dec_path) if dec_path.exists() else None
+    sig = read_json_if_exists(sig_path)
+    dec = read_json_if_exists(dec_path)
     skipped = diag["strategy"]["chosen"] == "none"
     checks = []
     opt_cfg = exp_dir / "diagnosis" / "optimization_config.yaml"

@@ -110,7 +110,7 @@ def _underfitting(finding: dict, config: dict, knobs: dict) -> list[tuple]:
 
 
 # |delta theta| / |theta| per step to aim at: CS231n says about 1e-3; the trainers' default LRs measure 2-4e-3
-# (textcaps 3.3e-3, latent 2-4e-3 over 6 epochs) and train well, so aim between the two
+# (3.3e-3 for the classifier, 2-4e-3 for the regressor over 6 epochs) and train well, so aim between the two
 HEALTHY_UPDATE_RATIO = 2.5e-3
 
 
@@ -188,17 +188,19 @@ def _rank_key(rec: dict, severity: str, order: int) -> tuple:
     return (LEVELS[rec["expected_impact"]], COSTS[rec["effort"]], COSTS[rec["risk"]], LEVELS.get(severity, 3), order)
 
 
-def recommend(findings: list[dict], config: dict, knobs: dict) -> list[dict]:
+def recommend(findings: list[dict], config: dict, knobs: dict, patterns: dict | None = None) -> list[dict]:
     """Ranked recommendations `{knob, action, value, rationale, expected_impact, risk, effort, root_cause,
     finding_id}` for the findings, in this trainer's knobs.
 
     `value` is the new value for `set` and the factor for `scale`. Ranked by impact (high first), effort and
     risk (low first), then the finding's severity; one recommendation per knob (the best-ranked one, with the
-    rationales of the others appended).
+    rationales of the others appended). `patterns` are a trainer's own ({root_cause: pattern}, its
+    `recommendation_patterns`): for the root causes of its own findings, or replacing a generic pattern.
     """
+    patterns = {**PATTERNS, **(patterns or {})}
     candidates: list[tuple[tuple, dict]] = []
     for finding in findings:
-        pattern = PATTERNS.get(finding["root_cause"])
+        pattern = patterns.get(finding["root_cause"])
         if pattern is None:
             continue
         for knob, action, value, impact, risk, effort, why in pattern(finding, config, knobs):

@@ -134,7 +134,7 @@ def open_study(exp: dict, space: dict, base_config: dict, journal: Path, slot: i
     from tunewise.config import get_dotted
     from tunewise.trainers import budget_key, get_spec
 
-    # the pruners' resource is the trainer's budget in history steps (epochs, or PEZ steps)
+    # the pruners' resource is the trainer's budget in history steps (epochs, or a search's steps)
     key = budget_key(get_spec(exp["trainer"])) if exp.get("trainer") else "train.epochs"
     epochs = epochs or int(get_dotted(base_config, key))
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -1,4 +1,4 @@
-"""design_report.md: the latent inverse design of an experiment's final model.
+"""design_report.md: the inverse design of an experiment's final model (trainers with a design phase).
 
 Every number comes from design.json and the trajectories.csv beside it (both written by `tunewise design`).
 """

@@ -1,7 +1,7 @@
 """What every report writer shares: number formatting, the Jinja environment, and links between files.
 
-The report modules (render, design, groups, prompts, sweep, iterative) import these from here and never from
-each other, so render can call the section writers (groups, prompts, sweep, iterative) without an import cycle.
+The report modules (render, design, sweep, iterative, sections) and the trainers' report sections import these
+from here and never from each other, so render can call the section writers without an import cycle.
 A run's history.csv is read through tunewise.runs.read_history.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from jinja2 import Environment, FileSystemLoader, StrictUndefined
+from jinja2 import ChoiceLoader, Environment, FileSystemLoader, StrictUndefined
 
 import tunewise
 
@@ -85,9 +85,14 @@ def templates_dir() -> Path:
     return Path(tunewise.__file__).resolve().parents[2] / "reports" / "templates"
 
 
-def environment(templates: Path | None = None) -> Environment:
+def environment(templates: Path | None = None, beside: Path | None = None) -> Environment:
+    """The reports' Jinja environment; `beside` adds a folder searched after the templates folder (a trainer's
+    report section ships its template next to its module, and a TUNEWISE_TEMPLATES folder still overrides it)."""
+    loaders = [FileSystemLoader(str(templates or templates_dir()))]
+    if beside is not None:
+        loaders.append(FileSystemLoader(str(beside)))
     env = Environment(
-        loader=FileSystemLoader(str(templates or templates_dir())),
+        loader=ChoiceLoader(loaders),
         undefined=StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
@@ -97,8 +102,8 @@ def environment(templates: Path | None = None) -> Environment:
     return env
 
 
-def render(template: str, **context: Any) -> str:
-    return environment().get_template(template).render(**context)
+def render(template: str, *, beside: Path | None = None, **context: Any) -> str:
+    return environment(beside=beside).get_template(template).render(**context)
 
 
 def link(target: Path, document: Path) -> str:

@@ -5,7 +5,6 @@ replaced atomically, like every other output of the workflow.
 """
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -20,11 +19,13 @@ import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from tunewise.runs import finite_float, read_history  # noqa: E402
+
 DPI = 110
 SIDE_COLOURS = {"baseline": "tab:blue", "optimized": "tab:orange"}
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -40,7 +41,7 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _series(history: pd.DataFrame, column: str) -> tuple[np.ndarray, np.ndarray] | None:
+def column_series(history: pd.DataFrame, column: str) -> tuple[np.ndarray, np.ndarray] | None:
     """(step, values) of a column, with inf shown as a gap: a diverged epoch has no plottable value."""
     if column not in history.columns or "step" not in history.columns:
         return None
@@ -71,7 +72,7 @@ def plot_curves(history: pd.DataFrame, metric: str, best_step: int | None, path:
     fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(11, 4))
     drawn = []
     for column, style in (("train/loss", "-"), ("val/loss", "--")):
-        series = _series(history, column)
+        series = column_series(history, column)
         if series:
             ax_loss.plot(*series, style, label=column, color="tab:blue" if column.startswith("train") else "tab:red")
             drawn.append(series[1])
@@ -82,7 +83,7 @@ def plot_curves(history: pd.DataFrame, metric: str, best_step: int | None, path:
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("loss")
     handles = ax_loss.get_lines()
-    lr = _series(history, "lr")
+    lr = column_series(history, "lr")
     if lr:
         ax_lr = ax_loss.twinx()
         handles += ax_lr.plot(*lr, ":", color="tab:gray", label="lr")
@@ -96,7 +97,7 @@ def plot_curves(history: pd.DataFrame, metric: str, best_step: int | None, path:
     name = metric.split("/", 1)[-1]
     drawn = []
     for column, colour in ((f"train/{name}", "tab:blue"), (f"val/{name}", "tab:red")):
-        series = _series(history, column)
+        series = column_series(history, column)
         if series:
             ax_metric.plot(*series, "-" if column.startswith("train") else "--", color=colour, label=column)
             drawn.append(series)
@@ -114,7 +115,7 @@ def plot_curves(history: pd.DataFrame, metric: str, best_step: int | None, path:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_comparison(histories: Mapping[str, pd.DataFrame], metric: str, path: Path,
@@ -124,7 +125,7 @@ def plot_comparison(histories: Mapping[str, pd.DataFrame], metric: str, path: Pa
     losses = []
     for i, (label, history) in enumerate(histories.items()):
         colour = _colour(label, i)
-        series = _series(history, metric)
+        series = column_series(history, metric)
         if series:
             ax_metric.plot(*series, color=colour, label=label)
             best = (best_steps or {}).get(label)
@@ -132,7 +133,7 @@ def plot_comparison(histories: Mapping[str, pd.DataFrame], metric: str, path: Pa
                 hit = series[0] == best
                 if hit.any():
                     ax_metric.plot(series[0][hit], series[1][hit], "o", color=colour)
-        series = _series(history, "train/loss")
+        series = column_series(history, "train/loss")
         if series:
             ax_loss.plot(*series, color=colour, label=label)
             losses.append(series[1])
@@ -147,7 +148,7 @@ def plot_comparison(histories: Mapping[str, pd.DataFrame], metric: str, path: Pa
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_seed_scores(sides: Mapping[str, Sequence[float | None]], metric: str, path: Path, title: str = "") -> Path:
@@ -173,7 +174,7 @@ def plot_seed_scores(sides: Mapping[str, Sequence[float | None]], metric: str, p
     if title:
         ax.set_title(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_overview(rows: Sequence[Mapping], path: Path) -> Path:
@@ -200,7 +201,7 @@ def plot_overview(rows: Sequence[Mapping], path: Path) -> Path:
     if not rows:
         _no_data(axes[0][0], "experiment")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # --- sweep plots (input: the sweep.json summary; trial curves from each trial's history.csv) ---------
@@ -213,12 +214,7 @@ SWEEP_STATE_STYLE = {  # state -> (marker, colour, label)
 
 
 def _sweep_value(trial: Mapping) -> float | None:
-    value = trial.get("value")
-    try:
-        value = float(value) if value is not None and not isinstance(value, bool) else None
-    except (TypeError, ValueError):
-        return None
-    return value if value is not None and np.isfinite(value) else None
+    return finite_float(trial.get("value"))
 
 
 def _sweep_params(sweep: Mapping) -> list[str]:
@@ -327,7 +323,7 @@ def plot_param_axes(sweep: Mapping, path: Path) -> Path:
         _no_data(axes[0], "swept parameter")
     fig.suptitle(f"sweep: {metric} against each parameter")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _bin_edges(spec: Mapping, xs: np.ndarray, n_complete: int) -> np.ndarray | None:
@@ -390,7 +386,7 @@ def plot_isolation(sweep: Mapping, path: Path) -> Path:
         _no_data(axes[0], "swept parameter")
     fig.suptitle(f"sweep isolation: best {metric} per value range of each parameter")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_top_trial_curves(sweep: Mapping, path: Path, k: int = 5) -> Path:
@@ -403,13 +399,11 @@ def plot_top_trial_curves(sweep: Mapping, path: Path, k: int = 5) -> Path:
     )[:k]
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, trial in enumerate(ranked):
-        history_path = Path(trial["run_dir"]) / "history.csv"
-        try:
-            history = pd.read_csv(history_path)
-        except (FileNotFoundError, pd.errors.EmptyDataError):
+        history = read_history(Path(trial["run_dir"]))  # empty when the trial left no history
+        if history.empty:
             continue
         column = metric if metric in history.columns else f"val/{metric.split('/', 1)[-1]}"
-        series = _series(history, column)
+        series = column_series(history, column)
         if not series:
             continue
         best = _is_best(sweep, trial)
@@ -428,7 +422,7 @@ def plot_top_trial_curves(sweep: Mapping, path: Path, k: int = 5) -> Path:
         _no_data(ax, "trial history")
     ax.set_title(f"top {len(ranked)} trials: {metric}")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_importance(sweep: Mapping, path: Path) -> Path:
@@ -448,7 +442,7 @@ def plot_importance(sweep: Mapping, path: Path) -> Path:
                 ha="center", va="center", transform=ax.transAxes)
         ax.axis("off")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_rounds(rounds: Sequence[Mapping], metric: str, path: Path, baseline: float | None = None,
@@ -495,10 +489,10 @@ def plot_rounds(rounds: Sequence[Mapping], metric: str, path: Path, baseline: fl
     if title:
         ax.set_title(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-# --- per-group views (trainers that log `val/acc/<group>`, e.g. textcaps) --------------------------------
+# --- per-group views (trainers that log `val/acc/<group>`) ----------------------------------------------
 
 GROUP_ACC_PREFIX = "val/acc/"
 GROUP_WEIGHT_PREFIX = "q/"
@@ -519,11 +513,11 @@ def plot_group_curves(history: pd.DataFrame, path: Path, best_step: int | None =
     fig, axes = plt.subplots(1, 2 if weights else 1, figsize=(11 if weights else 6, 4), squeeze=False)
     ax = axes[0][0]
     for i, column in enumerate(groups):
-        series = _series(history, column)
+        series = column_series(history, column)
         if series:
             ax.plot(*series, "-", color=f"C{i}", label=column[len(GROUP_ACC_PREFIX):])
     for column, style in (("val/worst_group_acc", "k--"), ("val/avg_acc", "k:")):
-        series = _series(history, column)
+        series = column_series(history, column)
         if series:
             ax.plot(*series, style, label=column.split("/", 1)[1])
     ax.set_xlabel("step")
@@ -535,7 +529,7 @@ def plot_group_curves(history: pd.DataFrame, path: Path, best_step: int | None =
     if weights:
         ax_q = axes[0][1]
         for i, column in enumerate(weights):
-            series = _series(history, column)
+            series = column_series(history, column)
             if series:
                 ax_q.plot(*series, "-", color=f"C{i}", label=column[len(GROUP_WEIGHT_PREFIX):])
         ax_q.set_xlabel("step")
@@ -545,7 +539,7 @@ def plot_group_curves(history: pd.DataFrame, path: Path, best_step: int | None =
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_confusion(confusion: Mapping, path: Path, title: str = "") -> Path:
@@ -579,65 +573,10 @@ def plot_confusion(confusion: Mapping, path: Path, title: str = "") -> Path:
     if heading:
         ax.set_title(heading)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-# --- prompt views (the pez trainer: `val/similarity`, `prompts.json` with target images) ----------------
-
-
-def plot_similarity_curve(history: pd.DataFrame, path: Path, split: str = "val", title: str = "") -> Path | None:
-    """PEZ over steps: the current prompts' similarity (train/similarity), the best so far ({split}/similarity),
-    with the ground-truth captions' and random prompts' similarity as reference lines. None without the columns."""
-    best = _series(history, f"{split}/similarity")
-    if best is None:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    current = _series(history, "train/similarity")
-    if current:
-        ax.plot(*current, "-", color="tab:blue", alpha=0.6, label="current prompts (window mean)")
-    ax.plot(*best, "-", color="tab:orange", label="best prompts so far")
-    for column, style, label in ((f"{split}/caption_similarity", "k--", "ground-truth captions"),
-                                 (f"{split}/random_best_similarity", ":", "best of the random prompts"),
-                                 (f"{split}/random_similarity", "-.", "random prompts (mean)")):
-        series = _series(history, column)
-        if series:
-            ax.axhline(float(np.nanmean(series[1])), linestyle=style[-2:] if style.startswith("k") else style,
-                       color="black" if style.startswith("k") else "tab:gray", linewidth=1, label=label)
-    ax.set_xlabel("PEZ step")
-    ax.set_ylabel("cosine similarity to the target image (mean over targets)")
-    ax.legend(loc="lower right", fontsize=8)
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    return _save(fig, path)
-
-
-def plot_prompt_targets(targets: Sequence[Mapping], images: Sequence[np.ndarray | None], path: Path,
-                        title: str = "", columns: int = 5) -> Path:
-    """The target images in a grid, each with its ground-truth caption and the prompt PEZ found for it."""
-    import textwrap
-
-    n = len(targets)
-    rows = max(1, math.ceil(n / columns))
-    # room above each image for up to seven lines of caption, prompt and ratio
-    fig, axes = plt.subplots(rows, columns, figsize=(2.8 * columns, 3.6 * rows), squeeze=False)
-    for i, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if i >= n:
-            continue
-        t = targets[i]
-        if images[i] is not None:
-            ax.imshow(images[i])
-        wrap = lambda s: "\n".join(textwrap.wrap(str(s), 34)) or "''"  # noqa: E731
-        ax.set_title(f"{wrap(t.get('caption', ''))}\n-> {wrap(t.get('prompt', ''))}\nratio {t.get('ratio', float('nan')):.2f}",
-                     fontsize=7)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return _save(fig, path)
-
-
-# --- latent inverse design (design_report.md) -----------------------------------------------------
+# --- inverse design (design_report.md) ------------------------------------------------------------
 
 DESIGN_COLOURS = {True: "tab:green", False: "tab:red"}  # passed the round trip / off-manifold or infeasible
 
@@ -657,7 +596,7 @@ def plot_design_trajectories(trajectory: np.ndarray, ok: Sequence[bool], path: P
     if trajectory.shape[1]:
         ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_design_scores(score: Sequence[float], score_rt: Sequence[float], ok: Sequence[bool], path: Path,
@@ -675,7 +614,7 @@ def plot_design_scores(score: Sequence[float], score_rt: Sequence[float], ok: Se
     ax.set_title(title or f"final scores of {len(score)} restarts ({n_ok} passed the round trip)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_design_vs_known(points: Sequence[Mapping], task: str, unit: str, log: bool, path: Path,
@@ -710,7 +649,7 @@ def plot_design_vs_known(points: Sequence[Mapping], task: str, unit: str, log: b
     ax.set_ylabel(f"measured {task} of the nearest known compound{suffix}")
     ax.set_title(title or f"{task}: designs against their nearest known compounds")
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_alpha_study(rows: Sequence[Mapping], path: Path, chosen: float | None = None) -> Path:
@@ -729,4 +668,4 @@ def plot_alpha_study(rows: Sequence[Mapping], path: Path, chosen: float | None =
         ax.axvline(chosen, color="k", lw=0.8, ls=":")
     ax.set_title("alpha study: same restarts, steps and seeds at each alpha")
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)

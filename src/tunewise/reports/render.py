@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -28,16 +27,14 @@ from tunewise.reports.markdown import (  # noqa: F401
     render,
     templates_dir,
 )
-from tunewise.runs import atomic_write_text, read_history, read_json
+from tunewise.reports.sections import SectionContext, trainer_sections
+from tunewise.reports.sections import written as section_files
+from tunewise.runs import atomic_write_text, read_history, read_json, read_json_if_exists
 
 REPORT_NAMES = ("diagnostic_report.md", "optimization_results.md", "significance.md", "final_report.md", "design_report.md")
 
 
 # --- reading the workflow's files -----------------------------------------------------------
-
-
-def _maybe_json(path: Path | None) -> dict | None:
-    return read_json(path) if path is not None and Path(path).exists() else None
 
 
 def _run_summary(metrics: dict | None, fallback: dict | None = None) -> dict:
@@ -145,7 +142,7 @@ def write_diagnostic_report(diagnosis_path: Path, baseline_run_dir: Path, report
 
     diagnosis_path, baseline_run_dir, reports_dir = Path(diagnosis_path), Path(baseline_run_dir), Path(reports_dir)
     diag = read_json(diagnosis_path)
-    metrics = _maybe_json(baseline_run_dir / "metrics.json")
+    metrics = read_json_if_exists(baseline_run_dir / "metrics.json")
     metric = diag["metric"]
     summary = _run_summary(metrics, diag.get("baseline"))
     report = reports_dir / "diagnostic_report.md"
@@ -172,21 +169,13 @@ def write_diagnostic_report(diagnosis_path: Path, baseline_run_dir: Path, report
     ]
     keys = ("knob", "action", "value", "expected_impact", "risk", "effort", "rationale", "root_cause", "finding_id")
     recommendations = [{"rank": i, **{k: r.get(k) for k in keys}} for i, r in enumerate(diag.get("recommendations") or [], 1)]
-    from tunewise.reports.groups import group_section
-
-    groups = group_section({"baseline": baseline_run_dir}, {"baseline": summary["best_step"]}, report,
-                           reports_dir / "plots", "baseline", f"{diag['experiment']}: baseline")
-    if groups:
-        written += groups["written"]
-    from tunewise.reports.prompts import PROMPTS_FILE, prompt_section
-
-    prompts = prompt_section(baseline_run_dir / PROMPTS_FILE, baseline_run_dir, report, reports_dir / "plots",
-                             "baseline", f"{diag['experiment']}: baseline", "baseline run")
-    if prompts:
-        written += prompts["written"]
+    sections = trainer_sections(diag.get("trainer"), SectionContext(
+        "diagnostic", report, reports_dir / "plots", "baseline", f"{diag['experiment']}: baseline",
+        {"baseline": baseline_run_dir}, {"baseline": summary["best_step"]}, "baseline", "baseline run"))
+    written += section_files(sections)
     strategy = diag.get("strategy") or {}
     text = render(
-        "diagnostic_report.md.j2", groups=groups, prompts=prompts,
+        "diagnostic_report.md.j2", sections=sections,
         experiment=diag["experiment"], trainer=diag.get("trainer"), metric=metric,
         run_dir=str(baseline_run_dir), summary=summary, findings=findings, recommendations=recommendations,
         changes=_changes(diag), patch=list((diag.get("patch") or {}).items()),
@@ -276,8 +265,8 @@ def write_optimization_results(significance_path: Path, decision_path: Path, dia
     sig, decision, diag = read_json(significance_path), read_json(decision_path), read_json(diagnosis_path)
     metric = sig.get("metric") or diag["metric"]
     direction = metric.get("direction", "max")
-    base_metrics = _maybe_json(Path(baseline_run_dir) / "metrics.json")
-    opt_metrics = _maybe_json(Path(optimized_run_dir) / "metrics.json") if optimized_run_dir else None
+    base_metrics = read_json_if_exists(Path(baseline_run_dir) / "metrics.json")
+    opt_metrics = read_json_if_exists(Path(optimized_run_dir) / "metrics.json") if optimized_run_dir else None
     significance = _significance_context(sig, direction)
     report, sig_report = reports_dir / "optimization_results.md", reports_dir / "significance.md"
 
@@ -306,20 +295,13 @@ def write_optimization_results(significance_path: Path, decision_path: Path, dia
         from tunewise.reports.iterative import iterative_context
 
         iterative = iterative_context(Path(iterative_json), report, reports_dir / "plots")
-    from tunewise.reports.groups import group_section
-
-    groups = group_section({"baseline": Path(baseline_run_dir), "optimized": optimized_run_dir}, best_steps, report,
-                           reports_dir / "plots", "comparison",
-                           f"{diag['experiment']}: {'optimized' if optimized_run_dir else 'baseline'}",
-                           plot_run="optimized")
-    from tunewise.reports.prompts import PROMPTS_FILE, prompt_section
-
-    shown = Path(optimized_run_dir) if optimized_run_dir is not None else Path(baseline_run_dir)
-    prompts = prompt_section(shown / PROMPTS_FILE, shown, report, reports_dir / "plots", "comparison",
-                             f"{diag['experiment']}: {'optimized' if optimized_run_dir else 'baseline'}",
-                             f"{'optimized' if optimized_run_dir else 'baseline'} run")
+    shown = "optimized" if optimized_run_dir is not None else "baseline"
+    sections = trainer_sections(diag.get("trainer"), SectionContext(
+        "optimization", report, reports_dir / "plots", "comparison", f"{diag['experiment']}: {shown}",
+        {"baseline": Path(baseline_run_dir), "optimized": Path(optimized_run_dir) if optimized_run_dir else None},
+        best_steps, shown, f"{shown} run"))
     text = render(
-        "optimization_results.md.j2", **common, groups=groups, prompts=prompts,
+        "optimization_results.md.j2", **common, sections=sections,
         strategy={k: strategy.get(k) for k in ("requested", "chosen", "reason")},
         skipped=significance["skipped"], skip_reason=sig.get("reason") if significance["skipped"] else None,
         baseline_run=str(baseline_run_dir), optimized_run=str(optimized_run_dir) if optimized_run_dir else None,
@@ -336,8 +318,7 @@ def write_optimization_results(significance_path: Path, decision_path: Path, dia
     )
     atomic_write_text(report, text)
     atomic_write_text(sig_report, render("significance.md.j2", **common))
-    return [report, sig_report, curves, seeds, *(groups["written"] if groups else []),
-            *(prompts["written"] if prompts else []),
+    return [report, sig_report, curves, seeds, *section_files(sections),
             *(sweep["written"] if sweep else []),
             *(iterative["written"] if iterative else [])]
 
@@ -363,34 +344,20 @@ def write_final_report(final_path: Path, decision_path: Path, reports_dir: Path)
         {"name": name, "path": path, "link": link(Path(path), report)}
         for name, path in (final.get("checkpoints") or {}).items()
     ]
-    from tunewise.reports.groups import group_section
-
-    confusion = _maybe_json(Path(final["confusion"])) if final.get("confusion") else None
     run_dir = Path(final["run_dir"]) if final.get("run_dir") else None
-    groups = group_section({"validation": run_dir}, {"validation": (final.get("val") or {}).get("best_step")}, report,
-                           Path(reports_dir) / "plots", "final", "final model", confusion=confusion,
-                           run_label="final run")
-    if groups:  # the test split's per-group accuracy next to the validation one
-        test = final.get("test") or {}
-        groups["labels"].append("test")
-        groups["steps"].append(None)
-        for r in groups["rows"]:
-            r["cells"].append(test.get(f"test/acc/{r['name']}"))
-        for r in groups["summary"]:
-            r["cells"].append(test.get(r["column"].replace("val/", "test/", 1)))
-    from tunewise.reports.prompts import prompt_section
-
-    prompts = prompt_section(Path(final["prompts"]) if final.get("prompts") else None, run_dir, report,
-                             Path(reports_dir) / "plots", "final", "final model", "final config")
+    sections = trainer_sections(final.get("trainer"), SectionContext(
+        "final", report, Path(reports_dir) / "plots", "final", "final model", {"validation": run_dir},
+        {"validation": (final.get("val") or {}).get("best_step")}, "validation", "final run",
+        tables_dir=Path(final["tables"]) if final.get("tables") else None, test_metrics=final.get("test") or {}))
     text = render(
-        "final_report.md.j2", groups=groups, prompts=prompts,
+        "final_report.md.j2", sections=sections,
         chosen_side=final.get("chosen_side"), config_path=final.get("config_path"), run_dir=final.get("run_dir"),
         val={"best": (final.get("val") or {}).get("best"), "best_step": (final.get("val") or {}).get("best_step")},
         test=list((final.get("test") or {}).items()), checkpoints=checkpoints,
         decision={k: decision.get(k) for k in ("option", "label", "next", "chosen_side", "target", "target_met", "rationale")},
     )
     atomic_write_text(report, text)
-    return [report, *(groups["written"] if groups else []), *(prompts["written"] if prompts else [])]
+    return [report, *section_files(sections)]
 
 
 def _experiment_dirs(results_dir: Path) -> Iterable[Path]:
@@ -404,9 +371,9 @@ def _experiment_dirs(results_dir: Path) -> Iterable[Path]:
 
 def _index_row(exp_dir: Path, reports_dir: Path, index: Path) -> dict:
     diag = read_json(exp_dir / "diagnosis" / "diagnosis.json")
-    sig = _maybe_json(exp_dir / "significance" / "significance.json")
-    decision = _maybe_json(exp_dir / "significance" / "decision.json")
-    final = _maybe_json(exp_dir / "final" / "final.json")
+    sig = read_json_if_exists(exp_dir / "significance" / "significance.json")
+    decision = read_json_if_exists(exp_dir / "significance" / "decision.json")
+    final = read_json_if_exists(exp_dir / "final" / "final.json")
     metric = diag["metric"]
     row: dict[str, Any] = {
         "experiment": exp_dir.name, "trainer": diag.get("trainer"), "metric": metric["name"],

@@ -9,23 +9,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tunewise.phases.playbook import sweep_checks
 from tunewise.reports.plots import plot_importance, plot_isolation, plot_param_axes, plot_top_trial_curves
 from tunewise.reports.markdown import link
-from tunewise.runs import read_json
+from tunewise.runs import finite_float, read_json
 
 STATES = ("COMPLETE", "PRUNED", "FAIL")
 RESULT_WORDS = {True: "pass", False: "fires", None: "cannot tell"}
 PLOT_NAMES = {"param_axes": "sweep_param_axes.png", "isolation": "sweep_isolation.png",
               "top_curves": "sweep_top_curves.png", "importance": "sweep_importance.png"}
-
-
-def _value(trial: dict) -> float | None:
-    try:
-        value = float(trial.get("value"))
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
 
 
 def _resolve_run_dir(run_dir: str | None, sweep_json: Path) -> str | None:
@@ -65,7 +56,7 @@ def _trial_rows(trials: list[dict], keys: list[str], best: dict, direction: str)
     order = {state: i for i, state in enumerate(STATES)}
 
     def key(trial: dict):
-        value = _value(trial)
+        value = finite_float(trial.get("value"))
         return (order.get(trial.get("state"), len(order)), value is None, -sign * (value or 0.0),
                 trial.get("slot") if trial.get("slot") is not None else math.inf)
 
@@ -102,9 +93,12 @@ def sweep_context(sweep_json_path: Path, report_path: Path, plots_dir: Path) -> 
     n_trials = sweep.get("n_trials")
     counts["not_recorded"] = max(int(n_trials) - len(trials), 0) if isinstance(n_trials, int) else None
 
-    # an informational check (pruned share) is noted, not passed
+    # the playbook's checks as select-best judged them (sweep.json), not judged again here; an informational
+    # check (pruned share) is noted, not passed
+    if "checks" not in sweep:
+        raise ValueError(f"{sweep_json_path}: no `checks` (written by `tunewise select-best`)")
     checks = [{**c, "result": "noted" if c["severity"] == "info" and c["ok"] else RESULT_WORDS[c["ok"]]}
-              for c in sweep_checks(sweep)]
+              for c in sweep["checks"]]
     drawers = {"param_axes": plot_param_axes, "isolation": plot_isolation, "top_curves": plot_top_trial_curves,
                "importance": plot_importance}
     written = {name: draw(sweep, plots_dir / PLOT_NAMES[name]) for name, draw in drawers.items()}

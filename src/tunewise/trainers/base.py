@@ -42,6 +42,7 @@ def data_root(config: dict) -> Path:
 
 @runtime_checkable
 class Trainer(Protocol):
+    """What every trainer must provide. What it may add is `Capabilities` below."""
     name: str
     primary_metric: str        # e.g. "val/r2_mean"
     direction: str             # "max" | "min"
@@ -62,5 +63,52 @@ class Trainer(Protocol):
     def run(self, config: dict, seed: int, run: Any, reporter: Any, device: Any, metric: dict) -> dict:
         """Train, calling reporter.epoch(step, metrics) each epoch; return metrics.json's content."""
 
-    def evaluate_test(self, config: dict, checkpoint: Path, device: Any) -> dict:
-        """Metrics of a saved model on the test split (finalization only)."""
+    def evaluate_test(self, config: dict, checkpoint: Path, device: Any, out_dir: Path) -> dict:
+        """Metrics of a saved model on the test split (finalization only). Tables that are not metrics (a
+        confusion matrix, the prompts found) the trainer writes into out_dir itself, for its report sections."""
+
+
+class Capabilities:
+    """What a trainer may add to the protocol, each with the default the phases use when a trainer leaves it
+    out (a trainer need not inherit this class: `capability(trainer, name)` falls back to it).
+
+    - `diagnosis_thresholds`: its own values for the diagnosis' thresholds (curves that behave differently).
+    - `extra_findings(history, metrics, thresholds)`: findings of its own beside the generic ones, in the
+      diagnosis' finding format (id, root_cause, severity, summary, evidence); `thresholds` are the merged
+      ones, its own keys included.
+    - `recommendation_patterns()`: {root_cause: pattern} for the root causes its findings name; a pattern is
+      `pattern(finding, config, knobs) -> [(knob, action, value, impact, risk, effort, why), ...]`, as the
+      generic ones in phases/recommend.py.
+    - `preparation_steps(config)`: {step: description} of the work a config needs after `prepare_data` and
+      before any training (e.g. a model the data must train first); the workflow makes one job of each
+      (rule `prepare_step`) and every training job waits for them.
+    - `prepare_step(step, config, out_dir, threads)`: does one such step into out_dir (cached: None when the
+      files in place fit), returning {"params", "metrics", "files", "message"} for its MLflow run.
+    - `report_sections`: "module:function" names of report sections; each report writer calls every one
+      with a `tunewise.reports.sections.SectionContext` and places what it returns (markdown and the files
+      it wrote) after its own tables. Named, not imported, so a trainer never imports the report layer.
+    - a `design` block in `default_config()` gives the trainer a design phase (`design(...)` then trains it).
+    """
+
+    diagnosis_thresholds: dict = {}
+    report_sections: tuple[str, ...] = ()
+
+    def extra_findings(self, history: Any, metrics: dict, thresholds: dict) -> list[dict]:
+        return []
+
+    def recommendation_patterns(self) -> dict:
+        return {}
+
+    def preparation_steps(self, config: dict) -> dict[str, str]:
+        return {}
+
+    def prepare_step(self, step: str, config: dict, out_dir: Path, threads: int) -> dict | None:
+        raise KeyError(f"trainer {getattr(self, 'name', '?')!r} has no preparation step {step!r}")
+
+
+def capability(trainer: Any, name: str) -> Any:
+    """The trainer's `name` capability, or the default of `Capabilities` when the trainer does not define it."""
+    if hasattr(trainer, name):
+        return getattr(trainer, name)
+    default = getattr(Capabilities, name)
+    return default.__get__(trainer) if callable(default) else default

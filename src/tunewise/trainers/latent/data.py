@@ -14,7 +14,6 @@ import copy
 import hashlib
 import json
 import logging
-import math
 import os
 import tarfile
 import tempfile

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tunewise.runs import finite_float
 from tunewise.trainers.latent.design_settings import (  # noqa: F401  (re-exported: design.py was their home)
     DEFAULT_DESIGN,
     DESIGN_OPTIMIZERS,
@@ -571,15 +572,15 @@ def run_design(model, cfg: dict, data: DesignData, device, alphas: Sequence[floa
         for i in sorted(rows, key=lambda i: (not bool(ok[i]), -float(validated[i]))):
             neighbours = [{
                 "id": data.ids[j], "formula": data.formulas[j], "split": data.split[j], "distance": float(dist[i, k]),
-                "properties": {t: _finite(known_y[i, k, c]) for c, t in enumerate(targets)},
+                "properties": {t: finite_float(known_y[i, k, c]) for c, t in enumerate(targets)},
             } for k, j in enumerate(nn_idx[i].tolist())]
             restarts.append({
                 "restart": i - g * n, "start": starts[i - g * n], "ok": bool(ok[i]), "off_manifold": bool(off[i]),
                 "feasible": bool(feasible[i]), "score": float(result.score[i]), "score_roundtrip": float(score_rt[i]),
                 "validated_score": float(validated[i]), "disagreement": float(rt["disagreement"][i]),
                 "loss": float(result.loss[i]), "steps": int(result.steps[i]), "final_lr": float(result.lr[i]),
-                "predicted": {t: _finite(phys[i, c]) for c, t in enumerate(targets)},
-                "predicted_roundtrip": {t: _finite(phys_rt[i, c]) for c, t in enumerate(targets)},
+                "predicted": {t: finite_float(phys[i, c]) for c, t in enumerate(targets)},
+                "predicted_roundtrip": {t: finite_float(phys_rt[i, c]) for c, t in enumerate(targets)},
                 "nn_distance": float(dist[i, 0]),  # to the nearest known compound (any split)
                 "nn_distance_ratio": float(dist[i, 0]) / data.typical_nn if data.typical_nn > 0 else None,
                 "nn_train_distance": float(train_dist[i, 0]),  # to the nearest training descriptor
@@ -600,11 +601,6 @@ def run_design(model, cfg: dict, data: DesignData, device, alphas: Sequence[floa
                   "x": x_phys[sl]}
         out.append({"alpha": alpha, "summary": summary, "restarts": restarts, "_arrays": arrays})
     return out
-
-
-def _finite(value) -> float | None:
-    value = float(value)
-    return value if math.isfinite(value) else None
 
 
 # --- the design phase: a final model -> design.json and the tables beside it ----------------------
@@ -635,7 +631,7 @@ def best_known(model, data: DesignData, objectives_cfg: Sequence[dict]) -> list[
         with np.errstate(over="ignore"):
             pred_phys = data.scaler.inverse_y(pred.double().cpu().numpy())[0, t]
         out.append({"task": o["task"], "mode": mode, "id": data.ids[r], "formula": data.formulas[r], "split": data.split[r],
-                    "measured": _finite(column[r]), "predicted": _finite(pred_phys)})
+                    "measured": finite_float(column[r]), "predicted": finite_float(pred_phys)})
     return out
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from tunewise.trainers.base import check_data_source
+from tunewise.trainers.base import Capabilities, check_data_source
 from tunewise.trainers.latent import data as latent_data
 from tunewise.trainers.latent.design_settings import DEFAULT_DESIGN, check_design_config
 
@@ -32,7 +32,7 @@ DEFAULT_CONFIG = {
 DESIGN_METRICS = ("design/validated_score", "design/best_score", "design/off_manifold_rate", "design/ok_rate")
 
 
-class LatentSpec:
+class LatentSpec(Capabilities):
     name = "latent"
     primary_metric = "val/r2_mean"
     direction = "max"

@@ -168,7 +168,7 @@ class LatentTrainer(LatentSpec):
                 "units": {t: UNITS.get(t, "") for t in targets}, "log_targets": list(splits.scaler.log_targets),
                 "latent_dim": model.latent_dim, "files": files, **result}
 
-    def evaluate_test(self, config: dict, checkpoint: Path, device) -> dict:
+    def evaluate_test(self, config: dict, checkpoint: Path, device, out_dir: Path) -> dict:
         from tunewise.runs import load_checkpoint
 
         splits = latent_data.load_splits(Path(config["data"]["prepared_dir"]), config["data"])

@@ -282,7 +282,7 @@ def train_tiny_clip(data_dir: str | Path, out_dir: str | Path, epochs: int = 6, 
                "final_train_loss": loss_value, "logit_scale": model.logit_scale.exp().item(),
                "train_seconds": round(train_s, 1), "total_seconds": round(time.time() - t0, 1),
                "data_fingerprint": data_meta["fingerprint"]}
-    # the tiny CLIP's completion marker (train-clip and the pez trainer look for it): atomic, so a killed job
+    # the tiny CLIP's completion marker (the `clip` preparation step and the searches look for it): atomic, so a killed job
     # never leaves half of one that reads as a trained model
     atomic_write_text(out / "clip_metrics.json", json.dumps(metrics, indent=2))
     return metrics

@@ -8,12 +8,13 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from tunewise.trainers.base import check_data_source
+from tunewise.trainers.base import Capabilities, check_data_source
 from tunewise.trainers.pez import TINY_CLIP_NAME, shapes
 
 CLIP_DIR = "clip"  # under the prepared data directory: the embedded tiny CLIP
 PROMPTS_FILE = "prompts.json"  # per target: caption, prompt, similarities, token recovery
 TARGETS_DIR = "targets"  # the target images as PNG, for the reports
+TEST_PROMPTS_FILE = "prompts_test.json"  # evaluate_test's prompts, in the final folder
 
 DEFAULT_DATA = {
     "source": "embedded",  # embedded: generated shapes | path: a directory written by shapes.write_split
@@ -23,7 +24,7 @@ DEFAULT_DATA = {
     "clip": {
         "model": TINY_CLIP_NAME,  # an open_clip model name
         "pretrained": None,  # an open_clip pretrained tag whose weights are on disk
-        "checkpoint": None,  # a local weights file; with neither, the embedded tiny CLIP (rule train_clip)
+        "checkpoint": None,  # a local weights file; with neither, the embedded tiny CLIP (preparation step `clip`)
         "train": {"epochs": 6, "batch_size": 128, "lr": 2e-3, "seed": 0},  # the tiny CLIP's own training
     },
 }
@@ -72,7 +73,7 @@ def tiny_clip_dir(config: dict) -> Path | None:
     return Path(config["data"]["prepared_dir"]) / CLIP_DIR
 
 
-class PezSpec:
+class PezSpec(Capabilities):
     name = "pez"
     primary_metric = "val/caption_ratio"
     direction = "max"
@@ -95,6 +96,15 @@ class PezSpec:
     # that is far from done still gains only 5-7% of its total in the last quarter (lr 0.003, 60 steps: 0.86 ->
     # 0.93 of the captions' similarity while the first steps gained 0.9): still improving from 5% on.
     diagnosis_thresholds = {"loss_jitter_rel": 1.0, "still_improving_frac": 0.05}
+    report_sections = ("tunewise.trainers.pez.report:prompt_section",)
+
+    def preparation_steps(self, config: dict) -> dict[str, str]:
+        """Without weights of its own (data.clip.checkpoint/pretrained), a run uses the embedded tiny CLIP,
+        trained once per experiment on the prepared train split before any search."""
+        clip = config["data"]["clip"]
+        if clip.get("checkpoint") or clip.get("pretrained"):
+            return {}
+        return {CLIP_DIR: "train the embedded tiny CLIP on the prepared shapes"}
 
     def default_config(self) -> dict:
         return copy.deepcopy(DEFAULT_CONFIG)

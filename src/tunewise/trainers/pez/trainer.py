@@ -7,7 +7,7 @@ share of the ground-truth caption's similarity, averaged over the targets (the c
 `evaluate_test` runs the same search on the test split's targets, which no tuning has seen.
 
 Embedded default: the shapes images of `shapes.py` and the tiny CLIP the workflow trains on them
-(`tunewise train-clip`, rule `train_clip`); the projection then searches the tokens that CLIP was trained on
+(its preparation step `clip`: rule `prepare_step`); the projection then searches the tokens that CLIP was trained on
 (`clip_vocab.json`), since its other embedding rows never received a gradient. Any open_clip model with a
 pretrained tag on disk or a local checkpoint file works through `data.clip`.
 """
@@ -31,6 +31,7 @@ from tunewise.trainers.pez.spec import (  # noqa: F401  (re-exported: trainer.py
     DEFAULT_DATA,
     PROMPTS_FILE,
     TARGETS_DIR,
+    TEST_PROMPTS_FILE,
     PezSpec,
     generator_config,
     tiny_clip_dir,
@@ -57,6 +58,41 @@ class PezTrainer(PezSpec):
         return {"source": "embedded", "n_rows": sum(meta["counts"].values()), "counts": meta["counts"],
                 "fingerprint": meta["fingerprint"]}
 
+    def prepare_step(self, step: str, config: dict, out_dir: Path, threads: int) -> dict | None:
+        """The `clip` step: the embedded tiny CLIP, trained on the prepared shapes into out_dir (where the
+        searches look: `tiny_clip_dir`). Cached on the data's fingerprint and the training settings: None when
+        the one in place fits."""
+        from tunewise.trainers.pez.clip import train_tiny_clip
+
+        if step != CLIP_DIR:
+            return super().prepare_step(step, config, out_dir, threads)
+        out_dir = Path(out_dir)
+        if tiny_clip_dir(config) is None:
+            raise ValueError("data.clip names its own weights: there is no tiny CLIP to train")
+        if out_dir.resolve() != tiny_clip_dir(config).resolve():
+            raise ValueError(f"the tiny CLIP belongs in {tiny_clip_dir(config)} (where the searches look), not {out_dir}")
+        data_dir = data_root(config)  # the shapes: generated into prepared_dir, or the user's data.path
+        train = config["data"]["clip"]["train"]
+        fingerprint = shapes.read_meta(data_dir)["fingerprint"]
+        done = out_dir / "clip_metrics.json"
+        if done.exists():
+            old = json.loads(done.read_text())
+            if old.get("data_fingerprint") == fingerprint and all(old.get(k) == train[k] for k in train):
+                return None
+            done.unlink()  # clip_metrics.json is written last: without it the directory is incomplete
+        metrics = train_tiny_clip(data_dir, out_dir, epochs=int(train["epochs"]), batch_size=int(train["batch_size"]),
+                                  lr=float(train["lr"]), seed=int(train["seed"]), threads=threads)
+        r = metrics["retrieval_val_test"]
+        return {
+            "params": {"clip." + k: v for k, v in train.items()} | {"parameters": metrics["parameters"]},
+            "metrics": {f"clip/{k}": v for k, v in r.items()} | {"clip/train_seconds": metrics["train_seconds"],
+                                                                  "clip/final_train_loss": metrics["final_train_loss"]},
+            "files": [done],
+            "message": (f"tiny CLIP: {metrics['parameters'] / 1e6:.1f}M parameters, {metrics['train_seconds']:.0f} s; "
+                        f"held-out image->caption top-1 {r['image_to_caption_top1']:.3f}, top-5 "
+                        f"{r['image_to_caption_top5']:.3f} ({r['n_images']} images)"),
+        }
+
     def _targets(self, config: dict, split: str) -> tuple[np.ndarray, list[str], list[str]]:
         images, ids, captions = shapes.load_split(data_root(config), split)
         n = min(int(config["data"]["n_targets"]), len(ids))
@@ -74,7 +110,7 @@ class PezTrainer(PezSpec):
             return load_clip(c["model"], c.get("pretrained"), c.get("checkpoint"), device), None
         if not (tiny / "clip_metrics.json").is_file():
             raise FileNotFoundError(f"the embedded tiny CLIP is not trained: {tiny / 'clip_metrics.json'} is missing "
-                                    f"(the workflow's train_clip rule makes it; or set data.clip.checkpoint)")
+                                    f"(the workflow's preparation step `clip` makes it: rule prepare_step; or set data.clip.checkpoint)")
         loaded = load_clip(TINY_CLIP_NAME, None, tiny / CHECKPOINT_NAME, device)
         return loaded, json.loads((tiny / "clip_vocab.json").read_text())
 
@@ -249,14 +285,10 @@ class PezTrainer(PezSpec):
             "device": str(device),
         }
 
-    def evaluate_test(self, config: dict, checkpoint: Path, device) -> dict:
-        """The chosen config's PEZ search on the test split's targets (seed 0): prompts for images no tuning saw.
-        The run directory of `checkpoint` gets `prompts_test.json` and the test images (targets_test/); the
-        returned "prompts" carry absolute image paths for the final phase's copy."""
-        run_dir = Path(checkpoint).parent.parent
+    def evaluate_test(self, config: dict, checkpoint: Path, device, out_dir: Path) -> dict:
+        """The chosen config's PEZ search on the test split's targets (seed 0): prompts for images no tuning saw,
+        written to out_dir as `prompts_test.json` with the test images (targets_test/) for the final report."""
         out = self._search(config, 0, "test", device)
-        self._write_targets(run_dir / "prompts_test.json", run_dir / "targets_test", out["images"], out["targets"],
-                            "test")
-        test = {k: v for k, v in out["summary"].items() if isinstance(v, (int, float))}
-        test["prompts"] = [{**t, "image": str((run_dir / t["image"]).resolve())} for t in out["targets"]]
-        return test
+        self._write_targets(Path(out_dir) / TEST_PROMPTS_FILE, Path(out_dir) / "targets_test", out["images"],
+                            out["targets"], "test")
+        return {k: v for k, v in out["summary"].items() if isinstance(v, (int, float))}

@@ -10,7 +10,7 @@ import copy
 from pathlib import Path
 
 from tunewise.train.options import OPTIMIZERS, SCHEDULES
-from tunewise.trainers.base import check_data_source
+from tunewise.trainers.base import Capabilities, check_data_source
 from tunewise.trainers.textcaps import data_config as tc_data
 from tunewise.trainers.textcaps.data_config import VOCAB_SIZE
 from tunewise.trainers.textcaps.encoder_specs import MODALITIES, check_encoder_spec
@@ -126,7 +126,10 @@ def encoder_spec_errors(config: dict):
         raise type(e)(f"{where} / model.visual / model.text: {e}") from None
 
 
-class TextCapsSpec:
+TEST_CONFUSION_FILE = "confusion_test.json"  # evaluate_test's confusion matrix, in the final folder
+
+
+class TextCapsSpec(Capabilities):
     name = "textcaps"
     primary_metric = "val/worst_group_acc"
     direction = "max"
@@ -151,6 +154,7 @@ class TextCapsSpec:
     }
     # encoder specs carry encoder-specific keys (width, weights, hidden, channels, ...): build_encoder checks them
     open_config_keys = {"optim.param_groups", "model.visual", "model.text", "data.classes"}
+    report_sections = ("tunewise.trainers.textcaps.report:group_section",)
 
     def default_config(self) -> dict:
         return copy.deepcopy(DEFAULT_CONFIG)

@@ -33,6 +33,7 @@ from tunewise.trainers.textcaps.groupdro import GroupDRO, group_mean_losses
 from tunewise.trainers.textcaps.spec import (  # noqa: F401  (re-exported: trainer.py was their home)
     DEFAULT_CONFIG,
     DEFAULT_DATA,
+    TEST_CONFUSION_FILE,
     TextCapsSpec,
     encoder_spec,
     encoder_spec_errors,
@@ -363,7 +364,9 @@ class TextCapsTrainer(TextCapsSpec):
         result.metrics["data_summary"] = {s: ds.records.summary for s, ds in datasets.items()}
         return result.metrics
 
-    def evaluate_test(self, config: dict, checkpoint: Path, device) -> dict:
+    def evaluate_test(self, config: dict, checkpoint: Path, device, out_dir: Path) -> dict:
+        """The test split's metrics; its confusion matrix (a table, not a metric) goes to out_dir as
+        `confusion_test.json` for the final report."""
         from tunewise.runs import load_checkpoint
 
         test = self._datasets(config, ("test",))["test"]
@@ -376,6 +379,6 @@ class TextCapsTrainer(TextCapsSpec):
             )
         out = self._split_metrics("test", logits, labels, groups, losses, test.group_names, test.classes, True)
         out["test/n"] = len(test)
-        out["confusion"] = {"split": "test", "classes": list(test.classes),
-                            "matrix": confusion_matrix(logits, labels, len(test.classes))}
+        write_json(Path(out_dir) / TEST_CONFUSION_FILE, {"split": "test", "classes": list(test.classes),
+                                                         "matrix": confusion_matrix(logits, labels, len(test.classes))})
         return out

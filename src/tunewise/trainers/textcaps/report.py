@@ -1,8 +1,10 @@
-"""Per-group sections of the reports, for trainers that log per-group accuracy (`val/acc/<group>`,
-`val/worst_group_acc`, `val/avg_acc`, optionally GroupDRO's `q/<group>`) and a confusion matrix.
+"""The textcaps trainer's report section (registered in its spec's `report_sections`): per-group accuracy
+(`val/acc/<group>`, `val/worst_group_acc`, `val/avg_acc`, optionally GroupDRO's `q/<group>`) and a confusion
+matrix, in the diagnostic report, optimization_results.md and the final report.
 
-Everything comes from a run directory (`history.csv`, the optional `runs.CONFUSION_FILE`) or from the final
-phase's `confusion_test.json`; a run without group columns gets no section (the template skips it).
+Everything comes from a run directory (`history.csv`, the optional `runs.CONFUSION_FILE`) or from the
+`confusion_test.json` evaluate_test wrote for the final report; a run without group columns gets no section.
+This module belongs to the report layer: the trainer names it, the report writers import it.
 """
 from __future__ import annotations
 
@@ -11,8 +13,10 @@ from pathlib import Path
 import pandas as pd
 
 from tunewise.reports.plots import GROUP_ACC_PREFIX, group_columns, plot_confusion, plot_group_curves
-from tunewise.reports.markdown import link
-from tunewise.runs import CONFUSION_FILE, read_history, read_json
+from tunewise.reports.markdown import link, render
+from tunewise.reports.sections import Section, SectionContext
+from tunewise.runs import CONFUSION_FILE, finite_float, read_history, read_json
+from tunewise.trainers.textcaps.spec import TEST_CONFUSION_FILE
 
 SUMMARY_COLUMNS = ("val/worst_group_acc", "val/avg_acc", "val/acc")
 
@@ -28,10 +32,7 @@ def _row_at(history: pd.DataFrame, step: int | None) -> pd.Series | None:
 
 
 def _value(row: pd.Series | None, column: str) -> float | None:
-    if row is None or column not in row.index:
-        return None
-    value = pd.to_numeric(row[column], errors="coerce")
-    return None if pd.isna(value) else float(value)
+    return None if row is None or column not in row.index else finite_float(row[column])
 
 
 def val_confusion(run_dir: Path, step: int | None) -> dict | None:
@@ -47,10 +48,10 @@ def val_confusion(run_dir: Path, step: int | None) -> dict | None:
     return {"split": data.get("split", "val"), "step": int(key), "classes": data["classes"], "matrix": steps[key]}
 
 
-def group_section(run_dirs: dict[str, Path | None], best_steps: dict[str, int | None], report_path: Path,
+def group_table(run_dirs: dict[str, Path | None], best_steps: dict[str, int | None], report_path: Path,
                   plots_dir: Path, name: str, title: str, confusion: dict | None = None,
                   run_label: str | None = None, plot_run: str | None = None) -> dict | None:
-    """Template context for `_groups.md.j2`: per-group validation accuracy at each run's best step (one column
+    """The context of `_groups.md.j2`: per-group validation accuracy at each run's best step (one column
     per run in `run_dirs`, e.g. baseline and optimized), the group curves and the confusion matrix of the
     first run or of `plot_run` (or `confusion` when given, e.g. the test split's), described as `run_label`
     in the captions.
@@ -91,3 +92,23 @@ def group_section(run_dirs: dict[str, Path | None], best_steps: dict[str, int | 
         "confusion_where": {k: confusion.get(k) for k in ("split", "step")} if confusion else None,
         "written": written,
     }
+
+
+def group_section(ctx: SectionContext) -> Section | None:
+    """The per-group section of any report; the final report adds the test split's column and shows the test
+    confusion matrix."""
+    confusion = None
+    if ctx.tables_dir is not None and (ctx.tables_dir / TEST_CONFUSION_FILE).is_file():
+        confusion = read_json(ctx.tables_dir / TEST_CONFUSION_FILE)
+    groups = group_table(ctx.runs, ctx.best_steps, ctx.report_path, ctx.plots_dir, ctx.name, ctx.title,
+                         confusion=confusion, run_label=ctx.run_label, plot_run=ctx.shown)
+    if groups is None:
+        return None
+    if ctx.report == "final":  # the test split's per-group accuracy next to the validation one
+        groups["labels"].append("test")
+        groups["steps"].append(None)
+        for r in groups["rows"]:
+            r["cells"].append(ctx.test_metrics.get(f"test/acc/{r['name']}"))
+        for r in groups["summary"]:
+            r["cells"].append(ctx.test_metrics.get(r["column"].replace("val/", "test/", 1)))
+    return Section(render("_groups.md.j2", beside=Path(__file__).parent, groups=groups), groups["written"])
