@@ -24,7 +24,8 @@ def repo() -> Path:
 # by their NUMBER of tests, which puts the e2e files (few tests, minutes each) last; so it is turned off and the
 # e2e files come first, longest first (CI's --durations), then every other file in its usual order.
 E2E_LONGEST_FIRST = ["test_textcaps_e2e.py", "test_pez_e2e.py", "test_kills_e2e.py", "test_workflow_e2e.py",
-                     "test_slurm_e2e.py", "test_sweep_e2e.py", "test_iterative_e2e.py", "test_example_e2e.py",
+                     "test_slurm_e2e.py", "test_sweep_e2e.py", "test_iterative_e2e.py", "test_trainer_capabilities_e2e.py",
+                     "test_example_e2e.py",
                      "test_faults_e2e.py"]
 
 
