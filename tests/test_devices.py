@@ -267,7 +267,7 @@ def test_every_gpu_rule_tells_the_cli_its_gpus():
     from tunewise.cli import build_parser
 
     verbs = build_parser()._subparsers._group_actions[0].choices
-    gpu_rules = {name: block for name, block in _rule_blocks().items() if "gpu=gpus_for" in block}
+    gpu_rules = {name: block for name, block in _rule_blocks().items() if "**TRAINING_RESOURCES" in block}  # the GPU block, common.smk
     assert {"train_baseline", "optimize_targeted", "sweep_trial", "iterate", "seed_run", "finalize", "design"} <= set(gpu_rules)
     for name, block in gpu_rules.items():
         assert "--gpus {resources.gpu}" in block, name

@@ -425,7 +425,7 @@ def test_index_lists_every_experiment_with_its_numbers(experiment, tmp_path):
     (tmp_path / "results" / "textcaps_demo" / "experiment.yaml").write_text("name: textcaps_demo\n")
     (tmp_path / "results" / "logs").mkdir()  # not an experiment
 
-    index = write_index(tmp_path / "results", tmp_path / "reports")
+    index, _ = write_index(tmp_path / "results", tmp_path / "reports")
     assert index == tmp_path / "reports" / "index.md"
     text = index.read_text()
     demo = next(line for line in text.splitlines() if line.startswith("| latent_demo |"))

@@ -77,3 +77,37 @@ def test_the_test_tables_are_files_beside_final_json_not_metrics(workflow):
     final_run = [r for r in runs if r.info.run_name == "final"]
     assert len(final_run) == 1
     assert [a.path for a in client.list_artifacts(final_run[0].info.run_id, "test")] == ["test/toy_table.json"]
+
+
+def test_every_rule_that_writes_a_config_report_or_gate_logs_it_once(workflow):
+    """resolve, the gates (checklists as artifacts) and report_index log to the experiment's one `workflow` run;
+    a job that runs again replaces its files there and adds no run."""
+    work, _ = workflow
+    again = snakemake(work, "--cores", "1", "--forcerun", "report_index", configfile=work / "config.yaml")
+    assert again.returncode == 0, again.stderr[-3000:]
+    client, runs = mlflow_runs(work, "cap")
+    flows = [r for r in runs if r.info.run_name == "workflow"]
+    assert len(flows) == 1 and flows[0].info.status == "FINISHED"
+    run_id = flows[0].info.run_id
+
+    def listed(folder=None):
+        return {a.path for a in client.list_artifacts(run_id, folder)}
+
+    assert {"experiment.yaml", "gates", "reports"} <= listed()
+    assert listed("gates") == {"gates/diagnostics.json", "gates/optimization_complete.json"}
+    assert {"reports/checklists/diagnostics.md", "reports/checklists/optimization_complete.md"} <= listed("reports/checklists")
+    assert {"reports/index.md", "reports/index_overview.png"} <= listed("reports")
+
+
+def test_every_training_run_records_its_data_as_a_dataset_input(workflow):
+    work, _ = workflow
+    client, runs = mlflow_runs(work, "cap")
+    trained = [r for r in runs if "seed" in r.data.params]  # every training run logs its seed
+    # baseline, targeted, 2 + 2 seed runs (the experiment's seed adopts the baseline's and the targeted run), final
+    assert len(trained) >= 4, [r.info.run_name for r in trained]
+    for r in trained:
+        inputs = client.get_run(r.info.run_id).inputs.dataset_inputs
+        assert len(inputs) == 1, r.info.run_name
+        assert inputs[0].dataset.name == "cap-data" and inputs[0].dataset.source_type == "local"
+        assert [(t.key, t.value) for t in inputs[0].tags] == [("mlflow.data.context", "train")]
+        assert json.loads(inputs[0].dataset.source)["uri"].endswith("results/cap/data")

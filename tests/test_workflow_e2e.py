@@ -75,8 +75,10 @@ def test_reports_exist_and_quote_the_run_files(finished):
     checklist = (reports / "checklists" / "optimization_complete.md").read_text()
     assert "- [ ]" not in checklist.split("required")[0] or "(required)" not in checklist
     final = _metrics(results / "final" / "final.json")
-    assert (results / "final" / "best_model_optimized.pt").exists()
-    assert (results / "final" / "last_model_optimized.pt").exists()
+    side = final["chosen_side"]  # the checkpoints are named after the side that won
+    assert final["checkpoints"] == {"best": str(results / "final" / f"best_model_{side}.pt"),
+                                    "last": str(results / "final" / f"last_model_{side}.pt")}
+    assert sorted(p.name for p in (results / "final").glob("*.pt")) == [f"best_model_{side}.pt", f"last_model_{side}.pt"]
     assert (results / "final" / "final_config.yaml").exists()
     assert "test/r2_mean" in final["test"]
 

@@ -52,6 +52,10 @@ def cmd_resolve(args) -> None:
     out = Path(args.out)
     exp["baseline"]["data"]["prepared_dir"] = str(out.parent / "data")
     atomic_write_text(out, dump_yaml(exp))
+    if args.rule:  # as a workflow job: on the experiment's MLflow runs too (a standalone resolve touches none)
+        from tunewise.phases import tracked
+
+        tracked.log_experiment_files(exp, out.parent, args.rule, {out: None})
     print(f"wrote {out}")
 
 
@@ -131,7 +135,7 @@ def cmd_gate(args) -> None:
     from tunewise.reports.render import write_checklist
 
     gate(_experiment(args), _exp_dir(args), args.name, Path(args.out), Path(args.reports_dir),
-         write_checklist=write_checklist, optimize_run=args.optimize_run)
+         write_checklist=write_checklist, optimize_run=args.optimize_run, rule=args.rule)
 
 
 def cmd_finalize(args) -> None:
@@ -172,8 +176,12 @@ def cmd_gpu_slot(args) -> None:
 def cmd_report_index(args) -> None:
     from tunewise.reports.render import write_index
 
-    path = write_index(Path(args.results_dir), Path(args.reports_dir))
-    print(f"wrote {path}")
+    from tunewise.phases.report_index import log_index
+
+    written = write_index(Path(args.results_dir), Path(args.reports_dir))
+    if args.rule:  # as a workflow job: on every experiment's MLflow `workflow` run
+        log_index(Path(args.results_dir), written, args.rule)
+    print(f"wrote {written[0]}")
 
 
 # --- argument parsing -----------------------------------------------------------------------
@@ -203,6 +211,8 @@ def _setup_verbs(sub) -> None:
     src.add_argument("--config-json", help="the workflow config as JSON (used by the Snakefile)")
     p.add_argument("--experiment", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--rule", default=None, help="Snakemake rule name: log experiment.yaml to the experiment's MLflow "
+                                                "`workflow` run (a standalone resolve touches no tracking store)")
     p.set_defaults(func=cmd_resolve)
 
     p = sub.add_parser("prepare-data", help="make the experiment's data ready (cached)")

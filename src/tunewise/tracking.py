@@ -10,6 +10,7 @@ re-sends rows a killed job never got to log, so a resumed run loses no metric.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -224,6 +225,20 @@ class Tracker:
     def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
         if Path(path).exists():
             self._call(self.client.log_artifact, run_id, str(path), artifact_path)
+
+    def log_dataset(self, run_id: str, name: str, digest: str, source: str, profile: dict | None = None,
+                    context: str = "train") -> None:
+        """The data a run used, as an MLflow dataset input (the UI's Dataset column): a local folder `source`,
+        identified by `digest` (a fingerprint of its content or settings)."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        dataset = Dataset(name=name, digest=digest[:36], source_type="local", source=json.dumps({"uri": source}),
+                          profile=json.dumps(profile) if profile else None)
+        self._call(self.client.log_inputs, run_id,
+                   datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])])
+
+    def has_dataset(self, run_id: str) -> bool:
+        return bool(self._call(self.client.get_run, run_id).inputs.dataset_inputs)
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self._call(self.client.set_terminated, run_id, status=status)

@@ -92,6 +92,17 @@ def runtime_for(wildcards):
     return exp_cfg(wildcards)["resources"]["runtime"]
 
 
+# What every rule that trains or evaluates a model asks for, written once: the GPUs (0 on a CPU experiment)
+# and, on a cluster, their model and CPUs per GPU; memory grows with each retry. Light rules ask for gpu=0.
+TRAINING_RESOURCES = dict(
+    gpu=gpus_for,
+    gpu_model=gpu_model_for,
+    cpus_per_gpu=cpus_per_gpu_for,
+    mem_mb=mem_for,
+    runtime=runtime_for,
+)
+
+
 def strategy(wildcards):
     """The optimize strategy. Under `auto` the diagnosis chooses, so the DAG below the diagnose
     checkpoint waits for it; an explicit strategy is known up front (and shows in `snakemake -n`)."""

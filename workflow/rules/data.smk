@@ -8,8 +8,11 @@ rule resolve_experiment:
     log:
         "results/{exp}/logs/resolve_experiment.log",
     localrule: True
+    resources:
+        gpu=0,
     shell:
-        "tunewise resolve --config-json {params.cfg:q} --experiment {wildcards.exp:q} --out {output:q} > {log:q} 2>&1"
+        "tunewise resolve --config-json {params.cfg:q} --experiment {wildcards.exp:q} --out {output:q}"
+        " --rule resolve_experiment > {log:q} 2>&1"
 
 
 rule prepare_data:

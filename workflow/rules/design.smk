@@ -35,11 +35,7 @@ rule design:
         "results/{exp}/logs/design.log",
     threads: threads_for
     resources:
-        gpu=gpus_for,
-        gpu_model=gpu_model_for,
-        cpus_per_gpu=cpus_per_gpu_for,
-        mem_mb=mem_for,
-        runtime=runtime_for,
+        **TRAINING_RESOURCES,
     shell:
         "tunewise design --experiment-file {input.exp:q} --final {input.final:q} --out-dir {params.out_dir:q}"
         " --reports-dir {params.reports:q} --threads {threads} --gpus {resources.gpu} --rule design > {log:q} 2>&1"

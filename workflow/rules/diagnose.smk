@@ -51,6 +51,8 @@ rule gate:
     log:
         "results/{exp}/logs/gate_{gate}.log",
     localrule: True
+    resources:
+        gpu=0,
     shell:
         "tunewise gate --experiment-file {input.exp:q} --name {wildcards.gate:q} --out {output:q}"
         " --reports-dir {params.reports:q} --rule gate > {log:q} 2>&1"

@@ -8,8 +8,8 @@ rule finalize:
         optimized_config=strategy_config,
     output:
         final="results/{exp}/final/final.json",
-        best="results/{exp}/final/best_model_optimized.pt",
-        last="results/{exp}/final/last_model_optimized.pt",
+        # best_model_<side>.pt and last_model_<side>.pt are named after the side that won, known only when
+        # the job runs: final.json (written after them) names them
         config="results/{exp}/final/final_config.yaml",
         report=report(
             "reports/{exp}/final_report.md",
@@ -29,11 +29,7 @@ rule finalize:
     # a failed training job is tried again; after an out-of-memory failure with half the batch (tunewise.train.oom)
     retries: TRAIN_RETRIES
     resources:
-        gpu=gpus_for,
-        gpu_model=gpu_model_for,
-        cpus_per_gpu=cpus_per_gpu_for,
-        mem_mb=mem_for,
-        runtime=runtime_for,
+        **TRAINING_RESOURCES,
     shell:
         "tunewise finalize --experiment-file {input.exp:q} --decision {input.decision:q}"
         " --baseline-config {params.baseline_config:q} --optimized-config {input.optimized_config:q}"

@@ -22,11 +22,7 @@ rule iterate:
     # a failed training job is tried again; after an out-of-memory failure with half the batch (tunewise.train.oom)
     retries: TRAIN_RETRIES
     resources:
-        gpu=gpus_for,
-        gpu_model=gpu_model_for,
-        cpus_per_gpu=cpus_per_gpu_for,
-        mem_mb=mem_for,
-        runtime=runtime_for,
+        **TRAINING_RESOURCES,
     shell:
         "tunewise iterate --experiment-file {input.exp:q} --round {wildcards.round} --out {output:q}"
         " --threads {threads} --gpus {resources.gpu} --rule iterate > {log:q} 2>&1"
@@ -47,6 +43,8 @@ rule iterate_summary:
     log:
         "results/{exp}/logs/iterate_summary.log",
     localrule: True
+    resources:
+        gpu=0,
     shell:
         "tunewise iterate --experiment-file {input.exp:q} --summary --out {output.summary:q}"
         " --rule iterate_summary > {log:q} 2>&1"

@@ -19,5 +19,7 @@ rule report_index:
     log:
         "results/logs/report_index.log",
     localrule: True
+    resources:
+        gpu=0,
     shell:
-        "tunewise report-index --results-dir results --reports-dir reports > {log:q} 2>&1"
+        "tunewise report-index --results-dir results --reports-dir reports --rule report_index > {log:q} 2>&1"

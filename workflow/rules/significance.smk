@@ -18,11 +18,7 @@ rule seed_run:
     # a failed training job is tried again; after an out-of-memory failure with half the batch (tunewise.train.oom)
     retries: TRAIN_RETRIES
     resources:
-        gpu=gpus_for,
-        gpu_model=gpu_model_for,
-        cpus_per_gpu=cpus_per_gpu_for,
-        mem_mb=mem_for,
-        runtime=runtime_for,
+        **TRAINING_RESOURCES,
     shell:
         "tunewise train --experiment-file {input.exp:q} --config-file={input.config:q} --run-dir {params.run_dir:q}"
         " --reuse-from={input.reuse:q} --phase seed --side {wildcards.side} --seed {wildcards.seed}"

@@ -16,11 +16,7 @@ rule sweep_trial:
     # a failed training job is tried again; after an out-of-memory failure with half the batch (tunewise.train.oom)
     retries: TRAIN_RETRIES
     resources:
-        gpu=gpus_for,
-        gpu_model=gpu_model_for,
-        cpus_per_gpu=cpus_per_gpu_for,
-        mem_mb=mem_for,
-        runtime=runtime_for,
+        **TRAINING_RESOURCES,
     shell:
         "tunewise sweep-trial --experiment-file {input.exp:q} --slot {wildcards.trial} --out {output:q}"
         " --threads {threads} --gpus {resources.gpu} --rule sweep_trial > {log:q} 2>&1"

@@ -44,6 +44,19 @@ def _test_tables(trainer, config: dict, checkpoint: Path, device, out: Path) -> 
     return test, sorted(p for p in tables_dir.rglob("*") if p.is_file())
 
 
+def _final_checkpoints(run, out: Path, side: str) -> dict[str, Path]:
+    """best.pt and last.pt of the final run, named after the side that won (`best_model_baseline.pt` when the
+    baseline config won); an earlier finalization's copies for the other side go, so the folder never holds
+    the checkpoints of two different final models."""
+    for stale in out.glob("*_model_*.pt"):
+        if not stale.name.endswith(f"_model_{side}.pt"):
+            stale.unlink()
+    paths = {which: out / f"{which}_model_{side}.pt" for which in ("best", "last")}
+    for which, path in paths.items():
+        shutil.copyfile(run.checkpoints / f"{which}.pt", path)
+    return paths
+
+
 def finalize(exp: dict, exp_dir: Path, decision_path: Path, baseline_config: Path, optimized_config: Path,
              out_dir: Path, *, report: Callable[[Path], list] | None = None, threads: int | None = None,
              rule: str | None = None) -> dict:
@@ -64,8 +77,7 @@ def finalize(exp: dict, exp_dir: Path, decision_path: Path, baseline_config: Pat
     config = load_yaml(config_path)
     # the test split is touched here, once, with the best checkpoint
     test, tables = _test_tables(trainer, config, run.checkpoints / "best.pt", resolve_device(exp["device"]), out)
-    shutil.copyfile(run.checkpoints / "best.pt", out / "best_model_optimized.pt")
-    shutil.copyfile(run.checkpoints / "last.pt", out / "last_model_optimized.pt")
+    checkpoints = _final_checkpoints(run, out, decision["chosen_side"])
     atomic_write_text(out / "final_config.yaml", config_path.read_text(encoding="utf-8"))
     final = {
         "experiment": exp["name"],
@@ -76,7 +88,7 @@ def finalize(exp: dict, exp_dir: Path, decision_path: Path, baseline_config: Pat
         "run_dir": str(run.path),
         "val": {"best": metrics["primary"]["best"], "best_step": metrics["best_step"]},
         "test": test,
-        "checkpoints": {"best": str(out / "best_model_optimized.pt"), "last": str(out / "last_model_optimized.pt")},
+        "checkpoints": {which: str(path) for which, path in checkpoints.items()},
         "tables": str(out / TEST_TABLES_DIR),  # what evaluate_test wrote beside the metrics
     }
     write_json(out / "final.json", final)

@@ -177,7 +177,7 @@ TITLES = {"diagnostics": "Phase 3 diagnostics complete", "optimization_complete"
 
 
 def gate(exp: dict, exp_dir: Path, name: str, out: Path, reports_dir: Path, *, write_checklist=None,
-         optimize_run: str | Path | None = None) -> dict:
+         optimize_run: str | Path | None = None, rule: str | None = None) -> dict:
     """The checklist `name`: rendered by `write_checklist(name, title, checks, reports_dir)`, written to `out`
     (gate.json) unless a required box is unticked and gates.enforce is on (then a CliError naming them)."""
     from tunewise.phases import CliError
@@ -191,16 +191,23 @@ def gate(exp: dict, exp_dir: Path, name: str, out: Path, reports_dir: Path, *, w
         checks = optimization_checks(exp_dir, reports_dir, opt)
     else:
         raise CliError(f"unknown gate {name!r}")
-    if write_checklist is not None:
-        write_checklist(name, TITLES[name], checks, reports_dir)
+    checklist = write_checklist(name, TITLES[name], checks, reports_dir) if write_checklist is not None else None
     ok, missing = passed(checks)
-    if not ok and exp["gates"]["enforce"]:
+    blocked = not ok and exp["gates"]["enforce"]
+    result = {"gate": name, "passed": ok, "enforced": exp["gates"]["enforce"], "checks": checks}
+    if blocked:
         out.unlink(missing_ok=True)
+    else:
+        write_json(out, result)
+    if rule is not None:  # as a workflow job: the checklist (and the gate, when passed) on the `workflow` run
+        from tunewise.phases import tracked
+
+        logged = {checklist: "reports/checklists"} if checklist is not None else {}
+        tracked.log_experiment_files(exp, exp_dir, rule, logged | ({} if blocked else {out: "gates"}))
+    if blocked:
         raise CliError(
             f"gate {name} of {exp['name']} failed: required box(es) unticked: "
             + "; ".join(missing) + f" (see {reports_dir / 'checklists' / (name + '.md')}; gates.enforce: false to proceed anyway)"
         )
-    result = {"gate": name, "passed": ok, "enforced": exp["gates"]["enforce"], "checks": checks}
-    write_json(out, result)
     print(f"gate {name}: {'passed' if ok else 'NOT passed (not enforced)'}")
     return result

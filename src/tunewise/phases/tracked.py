@@ -32,6 +32,19 @@ def parent_run(tracker, exp: dict, exp_dir: Path, name: str, rule: str | None = 
     return tracker.parent_run(name, base_tags(exp, name, rule), Path(exp_dir) / "tracking.json")
 
 
+def log_experiment_files(exp: dict, exp_dir: Path, rule: str | None, files: dict) -> str:
+    """Files about the experiment as a whole (its resolved config, the gates and their checklists, the index of
+    all experiments) on its one `workflow` run, made by the first job that logs there and kept in tracking.json:
+    a job that runs again replaces its files there, it never adds a run. The run is ended after each job, so
+    the MLflow UI never shows it as still running. `files`: {path: artifact folder or None}."""
+    t = tracker(exp)
+    run_id = parent_run(t, exp, exp_dir, "workflow", rule)
+    for path, folder in files.items():
+        t.log_artifact(run_id, path, folder)
+    t.end_run(run_id)
+    return run_id
+
+
 def job_run(tracker, name: str, tags: dict, state: Path) -> str:
     """A new MLflow run for a job that logs once at its end (diagnose). Its id is kept in `state`, so when the
     job is killed and runs again, the run the killed attempt left RUNNING is ended as interrupted (KILLED)

@@ -138,12 +138,32 @@ def _open_mlflow_run(attempt: Attempt, previous: dict, meta: dict, exp_dir: Path
     if attempt.reuse:
         attempt.run_id = tracker.resume_run(old_id)
         tracker.log_params(attempt.run_id, params, only_new=True)  # a start killed before its params were all logged
+        if not tracker.has_dataset(attempt.run_id):  # ... or before its dataset input was logged
+            _log_dataset(attempt, exp_dir)
         return
     if batch is not None and batch["used"] != batch["configured"]:
         tags |= {"batch_size_configured": batch["configured"], "retry_of": old_id}
     attempt.run_id = tracker.start_run(name, tags, parent_id=parent_id)
     tracker.log_params(attempt.run_id, params)
     run.update_info(mlflow_run_id=attempt.run_id)
+    _log_dataset(attempt, exp_dir)
+
+
+def _log_dataset(attempt: Attempt, exp_dir: Path) -> None:
+    """The data the run trains on as its MLflow dataset input: the user's data.path or the prepared folder,
+    identified by the fingerprint prepare-data recorded (else the data settings' hash), with its row counts."""
+    from tunewise.config import config_hash
+    from tunewise.runs import read_json_if_exists
+
+    data = attempt.config.get("data") or {}
+    source = data.get("path") if data.get("source") == "path" else data.get("prepared_dir")
+    if not source:
+        return  # a trainer without a data folder of its own (its data made in memory): nothing to point at
+    ready = read_json_if_exists(Path(exp_dir) / "data" / "ready.json") or {}
+    digest = str(ready.get("fingerprint") or config_hash({k: v for k, v in data.items() if k != "prepared_dir"}))
+    profile = {k: ready[k] for k in ("n_rows", "counts") if ready.get(k) is not None}
+    attempt.tracker.log_dataset(attempt.run_id, f"{attempt.exp['name']}-data", digest, str(Path(source).resolve()),
+                                profile)
 
 
 def _fit(attempt: Attempt, trainer, reporter_wrapper: Callable | None) -> dict:

@@ -410,7 +410,8 @@ def _index_row(exp_dir: Path, reports_dir: Path, index: Path) -> dict:
     return row
 
 
-def write_index(results_dir: Path, reports_dir: Path) -> Path:
+def write_index(results_dir: Path, reports_dir: Path) -> list[Path]:
+    """reports/index.md and its overview plot (returned, index first)."""
     from tunewise.reports.plots import plot_overview
 
     results_dir, reports_dir = Path(results_dir), Path(reports_dir)
@@ -431,4 +432,4 @@ def write_index(results_dir: Path, reports_dir: Path) -> Path:
     )
     text = render("index.md.j2", rows=rows, not_run=not_run, plot=link(plot, index))
     atomic_write_text(index, text)
-    return index
+    return [index, plot]
