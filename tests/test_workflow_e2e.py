@@ -76,8 +76,8 @@ def test_reports_exist_and_quote_the_run_files(finished):
     assert "- [ ]" not in checklist.split("required")[0] or "(required)" not in checklist
     final = _metrics(results / "final" / "final.json")
     side = final["chosen_side"]  # the checkpoints are named after the side that won
-    assert final["checkpoints"] == {"best": str(results / "final" / f"best_model_{side}.pt"),
-                                    "last": str(results / "final" / f"last_model_{side}.pt")}
+    assert {k: Path(v).name for k, v in final["checkpoints"].items()} == {"best": f"best_model_{side}.pt",
+                                                                          "last": f"last_model_{side}.pt"}
     assert sorted(p.name for p in (results / "final").glob("*.pt")) == [f"best_model_{side}.pt", f"last_model_{side}.pt"]
     assert (results / "final" / "final_config.yaml").exists()
     assert "test/r2_mean" in final["test"]

@@ -92,7 +92,7 @@ def runtime_for(wildcards):
     return exp_cfg(wildcards)["resources"]["runtime"]
 
 
-# What every rule that trains or evaluates a model asks for, written once: the GPUs (0 on a CPU experiment)
+# The resources of every job that trains or evaluates a model, written once: the GPUs (0 on a CPU experiment)
 # and, on a cluster, their model and CPUs per GPU; memory grows with each retry. Light rules ask for gpu=0.
 TRAINING_RESOURCES = dict(
     gpu=gpus_for,
