@@ -9,6 +9,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +23,59 @@ class ConfigError(ValueError):
     """A configuration problem, with the offending key in the message."""
 
 
+# what YAML 1.1 (PyYAML) reads as a string although a person means a number: an exponent without a dot
+# ("3e-4", "1E5"); YAML 1.2 and Python read them as floats
+YAML11_FLOAT = re.compile(r"^[-+]?[0-9]+[eE][-+]?[0-9]+$")
+
+
+def yaml11_float_hint(value: Any) -> str:
+    """The fix for a number YAML 1.1 read as text, or "" when `value` is not one."""
+    if isinstance(value, str) and YAML11_FLOAT.match(value.strip()):
+        mantissa, _, exponent = value.strip().lower().partition("e")
+        return (f" (YAML 1.1 reads {value!r} as text, not a number: write it with a dot, "
+                f"{mantissa}.0e{exponent}, or as {float(value):g})")
+    return ""
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    def __init__(self, key: Any, line: int, first: int):
+        super().__init__(f"line {line}: key {key!r} appears twice in the same mapping (first at line {first}); "
+                         "YAML would keep only the last one silently: remove or rename one")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, refusing a key given twice in one mapping (a repeated experiment name would otherwise drop
+    the first experiment without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise DuplicateKeyError(key, key_node.start_mark.line + 1, seen[key])
+            if isinstance(key, (str, int, float, bool)):
+                seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def _safe_load_unique(stream) -> Any:
+    """yaml.safe_load with _UniqueKeyLoader (a SafeLoader: no Python objects are built from the file)."""
+    loader = _UniqueKeyLoader(stream)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def load_yaml(path: str | os.PathLike) -> Any:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file not found: {path}")
     try:
         with open(path, encoding="utf-8") as f:
-            return yaml.safe_load(f)
+            return _safe_load_unique(f)
+    except DuplicateKeyError as e:
+        raise ConfigError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     except UnicodeDecodeError as e:
@@ -113,11 +160,13 @@ def _key_path(error) -> str:
 
 def _schema_message(error) -> str:
     """jsonschema's message; for a oneOf/anyOf ("not valid under any of the given schemas") with the reason
-    each alternative gave, so the user learns what was wrong (seeds: 0 -> "less than the minimum of 2")."""
+    each alternative gave, so the user learns what was wrong (seeds: 0 -> "less than the minimum of 2"); for a
+    number YAML 1.1 read as text, how to write it."""
+    hint = yaml11_float_hint(error.instance) if error.validator in ("type", "oneOf", "anyOf") else ""
     if error.validator in ("oneOf", "anyOf") and error.context:
         reasons = "; ".join(dict.fromkeys(sub.message for sub in error.context))
-        return f"{error.message} ({reasons})"
-    return error.message
+        return f"{error.message} ({reasons}){hint}"
+    return error.message + hint
 
 
 def validate_schema(config: Any) -> dict:

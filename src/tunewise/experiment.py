@@ -8,7 +8,7 @@ import copy
 import difflib
 from typing import Any
 
-from tunewise.config import ConfigError, deep_merge, get_dotted, validate_schema
+from tunewise.config import ConfigError, deep_merge, get_dotted, validate_schema, yaml11_float_hint
 from tunewise.trainers import get_spec
 from tunewise.trainers.base import capability
 
@@ -49,7 +49,8 @@ def _check_against_defaults(values: dict, defaults: dict, where: str, open_keys:
         # an open mapping must still be a mapping; an open scalar may take any shape
         if not _type_ok(default, value) and not (is_open and not isinstance(default, dict)):
             expected = "number" if isinstance(default, float) else type(default).__name__
-            raise ConfigError(f"{dotted}: expected {expected}, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{dotted}: expected {expected}, got {type(value).__name__} {value!r}"
+                              f"{yaml11_float_hint(value)}")
         if isinstance(default, dict) and isinstance(value, dict) and default and not is_open:
             _check_against_defaults(value, default, dotted, open_keys, rel)
 

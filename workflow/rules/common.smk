@@ -4,11 +4,15 @@ import os
 
 from snakemake.exceptions import WorkflowError
 
-from tunewise.config import ConfigError
+from tunewise.config import ConfigError, load_yaml
 from tunewise.experiment import design_enabled, preparation_steps, resolve_experiment, validate
 from tunewise.devices import gpus_to_request
 
 try:
+    # Snakemake read the --configfile(s) with a loader that keeps the last of two equal keys; read again with
+    # ours, which refuses them (a repeated experiment name would drop the first experiment without a word)
+    for _path in workflow.configfiles:
+        load_yaml(_path)
     # schema + trainer-aware checks: a bad key stops the run before any job starts
     _validated = validate(config)
 except ConfigError as e:
