@@ -48,9 +48,10 @@ def _final_checkpoints(run, out: Path, side: str) -> dict[str, Path]:
     """best.pt and last.pt of the final run, named after the side that won (`best_model_baseline.pt` when the
     baseline config won); an earlier finalization's copies for the other side go, so the folder never holds
     the checkpoints of two different final models."""
-    for stale in out.glob("*_model_*.pt"):
-        if not stale.name.endswith(f"_model_{side}.pt"):
-            stale.unlink()
+    for which in ("best", "last"):
+        for stale in out.glob(f"{which}_model_*.pt"):
+            if stale.name != f"{which}_model_{side}.pt":
+                stale.unlink()
     paths = {which: out / f"{which}_model_{side}.pt" for which in ("best", "last")}
     for which, path in paths.items():
         shutil.copyfile(run.checkpoints / f"{which}.pt", path)
