@@ -59,3 +59,19 @@ def mlflow_runs(work: Path, exp: str):
     experiment = client.get_experiment_by_name(exp)
     assert experiment is not None, f"no MLflow experiment {exp!r}"
     return client, client.search_runs([experiment.experiment_id], max_results=1000)
+
+
+def readme_config(name: str, data_path: Path | str) -> dict:
+    """The config the README gives under `<!-- config: name -->` (the ```yaml block right after that marker), as
+    written, with only its one experiment's `data.path` pointed at `data_path`: the bring-your-own-data tests
+    run exactly what a user would copy."""
+    import re
+
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    found = re.search(rf"<!-- config: {re.escape(name)} -->\s*```yaml\n(.*?)```", text, re.S)
+    assert found, f"README.md has no ```yaml block after <!-- config: {name} -->"
+    config = yaml.safe_load(found.group(1))
+    (exp,) = config["experiments"].values()
+    assert "path" in exp.get("data", {}), f"README config {name!r} has no data.path to point at the fixture"
+    exp["data"]["path"] = str(data_path)
+    return config

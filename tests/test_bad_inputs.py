@@ -1,4 +1,4 @@
-"""The bad-input corpus (tests/data/bad/, described case by case in its cases.yaml).
+"""The bad-input corpus (tests/data/bad/, described case by case in its cases*.yaml manifests).
 
 Every malformed input is fed to the entry point that reads it in the workflow and must be refused with the
 project's error type (the exact type: a raw JSONDecodeError or UnicodeDecodeError is a ValueError too, and is a
@@ -7,6 +7,7 @@ through the `tunewise` command and `snakemake -n`, the way a user meets them.
 """
 from __future__ import annotations
 
+import importlib
 import shutil
 import subprocess
 import sys
@@ -20,9 +21,10 @@ from tunewise.cli import build_parser, main
 
 REPO = Path(__file__).resolve().parents[1]
 BAD = REPO / "tests" / "data" / "bad"
-MANIFEST = BAD / "cases.yaml"
-CASES = yaml.safe_load(MANIFEST.read_text(encoding="utf-8"))["cases"]
-ENTRIES = {"config", "latent_prepare", "textcaps_prepare", "textcaps_load", "pez_resolve", "checkpoint", "train_resume"}
+# cases.yaml (configs, checkpoints, the first data files) and one manifest per area (cases_<area>.yaml), whose
+# entry points live in tests/bad_entries_<area>.py (ENTRY_POINTS there); the format is cases.yaml's
+MANIFESTS = sorted(BAD.glob("cases*.yaml"))
+CASES = [c for m in MANIFESTS for c in yaml.safe_load(m.read_text(encoding="utf-8"))["cases"]]
 
 
 def _ids(cases):
@@ -44,14 +46,14 @@ def _assert_names_the_problem(case: dict, message: str) -> None:
 
 
 def test_manifest_covers_every_file_once_with_twenty_or_more_cases():
-    files = sorted(p.name for p in BAD.iterdir() if p.name != MANIFEST.name)
+    files = sorted(p.name for p in BAD.iterdir() if p not in MANIFESTS)
     listed = [c["file"] for c in CASES]
     assert len(listed) == len(set(listed)), "a file is listed twice"
     assert sorted(listed) == files, f"not in cases.yaml: {sorted(set(files) - set(listed))}; " \
                                     f"listed but absent: {sorted(set(listed) - set(files))}"
     assert len(CASES) >= 20
     for c in CASES:
-        assert c["entry"] in ENTRIES, c
+        assert c["entry"] in ENTRY_POINTS, c
         assert c["expect"] and c["what"], c
         assert c["error"] in {"ConfigError", "CliError", "CheckpointError", "ValueError"}, c
         assert set(c.get("also", [])) <= {"cli", "snakemake"}, c
@@ -185,6 +187,8 @@ ENTRY_POINTS = {
     "checkpoint": _checkpoint,
     "train_resume": _train_resume,
 }
+for _module in sorted((REPO / "tests").glob("bad_entries_*.py")):
+    ENTRY_POINTS.update(importlib.import_module(_module.stem).ENTRY_POINTS)
 
 
 @pytest.fixture(scope="module")
