@@ -40,8 +40,17 @@ def test_prepare_user_csv_writes_table_and_meta(tmp_path):
     on_disk = json.loads((tmp_path / "meta.json").read_text())
     assert on_disk == meta
     assert set(meta) == {
-        "source", "path", "n_rows", "n_dropped", "descriptor_columns", "target_columns", "seconds", "fingerprint",
+        "source", "path", "n_rows", "n_dropped", "descriptor_columns", "target_columns", "target_stats", "data_checks",
+        "seconds", "fingerprint",
     }
+    checks = meta["data_checks"]
+    assert checks["rows"] == {"read": 60, "kept": 60, "train": 36, "val": 12, "test": 12}
+    assert checks["dropped"] == []
+    # the fixture's one kappa_p <= 0 has no log10: training treats it as missing, and the checks say so
+    (warning,) = checks["warnings"]
+    assert "column 'kappa_p': 1 of 60 values are <= 0" in warning and "data.log_targets" in warning
+    assert any("'notes'" in n and "text" in n for n in checks["notes"])  # the text column, said to be left out
+    assert any("'sigma_p': 1 of 60 rows have no value" in n for n in checks["notes"])
     assert meta["source"] == "path" and meta["path"] == str(FIXTURE)
     assert meta["n_rows"] == 60 and meta["n_dropped"] == 0
     # numeric non-target columns only: the text column and id/formula are not descriptors
@@ -62,7 +71,12 @@ def test_prepare_is_cached_by_fingerprint(tmp_path):
     time.sleep(0.01)
     # noise, split and log_targets do not shape the table: no rework for them either
     again = prepare(user_cfg(noise=0.3, split={"val": 0.1, "test": 0.1, "seed": 5}, log_targets=[]), tmp_path)
-    assert again == first  # same `seconds`: the stored meta came back, nothing was rebuilt
+    # same `seconds`: the stored meta came back, nothing was rebuilt; only the split counts follow the new split
+    split_counts = {"train": 48, "val": 6, "test": 6}
+    assert again["data_checks"]["rows"] == {**first["data_checks"]["rows"], **split_counts}
+    assert {k: v for k, v in again.items() if k != "data_checks"} == {k: v for k, v in first.items() if k != "data_checks"}
+    assert {k: v for k, v in again["data_checks"].items() if k != "rows"} == \
+        {k: v for k, v in first["data_checks"].items() if k != "rows"}
     assert (tmp_path / "table.parquet").stat().st_mtime_ns == mtime
     changed = prepare(user_cfg(targets=["S_p", "PF_p"]), tmp_path)
     assert changed["fingerprint"] != first["fingerprint"]
@@ -120,8 +134,10 @@ def test_prepare_counts_rows_with_missing_descriptors(tmp_path):
 
 
 def test_prepare_limit_takes_a_seeded_shuffled_subset(tmp_path):
-    a = prepare(user_cfg(limit=20), tmp_path / "a")
-    prepare(user_cfg(limit=20), tmp_path / "b")
+    # 5 rows each for val and test: the fewest the data checks allow
+    split = {"val": 0.25, "test": 0.25, "seed": 0}
+    a = prepare(user_cfg(limit=20, split=split), tmp_path / "a")
+    prepare(user_cfg(limit=20, split=split), tmp_path / "b")
     ids_a = pd.read_parquet(tmp_path / "a" / "table.parquet")["id"].tolist()
     ids_b = pd.read_parquet(tmp_path / "b" / "table.parquet")["id"].tolist()
     assert a["n_rows"] == 20 and ids_a == ids_b
@@ -144,7 +160,7 @@ def test_prepare_embedded_limit_featurises_with_magpie(tmp_path):
     from matminer.featurizers.composition import ElementProperty
     from pymatgen.core import Composition
 
-    meta = prepare({**DEFAULT_DATA, "limit": 40}, tmp_path, threads=1)
+    meta = prepare({**DEFAULT_DATA, "limit": 40, "split": {"val": 0.2, "test": 0.2}}, tmp_path, threads=1)
     assert meta["source"] == "embedded"
     assert meta["n_rows"] + meta["n_dropped"] == 40
     assert meta["n_rows"] >= 38
@@ -161,19 +177,25 @@ def test_prepare_embedded_limit_featurises_with_magpie(tmp_path):
 
 
 def test_unfeaturisable_formulas_are_counted_and_dropped(tmp_path, monkeypatch, caplog):
+    good = ["Fe2O3", "NaCl", "SiO2", "Bi2Te3", "PbTe", "Mg2Si", "GaAs", "ZnO", "TiO2", "CuO"] * 5
+    formulas = [*good[:20], "NotAFormula123", *good[20:], "Xx2"]
+    rng = np.random.default_rng(0)
     rows = pd.DataFrame({
-        "mp_id": ["mp-1", "mp-2", "mp-3", "mp-4"],
-        "pretty_formula": ["Fe2O3", "NotAFormula123", "NaCl", "Xx2"],
-        **{c: [1.0, 2.0, 3.0, 4.0] for c in ["sigma_p", "sigma_n", "S_p", "S_n", "kappa_p", "kappa_n",
-                                             "PF_p", "PF_n", "m_p", "m_n"]},
+        "mp_id": [f"mp-{i}" for i in range(len(formulas))],
+        "pretty_formula": formulas,
+        **{c: rng.uniform(1, 10, len(formulas)) for c in ["sigma_p", "sigma_n", "S_p", "S_n", "kappa_p", "kappa_n",
+                                                          "PF_p", "PF_n", "m_p", "m_n"]},
     })
     monkeypatch.setattr(latent_data, "read_embedded_table", lambda: rows)
     with caplog.at_level("WARNING"):
         meta = prepare(dict(DEFAULT_DATA), tmp_path)
-    assert meta["n_dropped"] == 2 and meta["n_rows"] == 2
-    assert "2 of 4 formulas could not be featurised" in caplog.text
+    assert meta["n_dropped"] == 2 and meta["n_rows"] == 50
+    assert "2 rows dropped (unparsable formula" in caplog.text
+    (dropped,) = meta["data_checks"]["dropped"]
+    assert dropped["count"] == 2 and dropped["reason"] == "unparsable formula"
+    assert dropped["examples"] == ["NotAFormula123", "Xx2"] and "column pretty_formula" in dropped["where"]
     table = pd.read_parquet(tmp_path / "table.parquet")
-    assert table["id"].tolist() == ["mp-1", "mp-3"]  # dropped, never zero-filled
+    assert "mp-20" not in table["id"].tolist() and "mp-51" not in table["id"].tolist()  # dropped, never zero-filled
     assert np.isfinite(table[meta["descriptor_columns"]].to_numpy()).all()
 
 

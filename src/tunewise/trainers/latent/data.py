@@ -11,6 +11,7 @@ own CSV/parquet with descriptor and target columns is read as it is.
 from __future__ import annotations
 
 import copy
+import errno
 import hashlib
 import json
 import logging
@@ -50,7 +51,7 @@ SPLITS = ("train", "val", "test")
 TABLE = "table.parquet"
 META = "meta.json"
 # bump when the table layout or the featurisation changes, so old caches are rebuilt
-TABLE_FORMAT = 1
+TABLE_FORMAT = 2  # 2: meta.json carries data_checks and target_stats
 # keys that do not change table.parquet: noise is used by training, split and log_targets by
 # load_splits, prepared_dir is where the table lives. Changing them must not redo featurisation.
 NOT_IN_TABLE = ("noise", "split", "log_targets", "prepared_dir")
@@ -58,6 +59,16 @@ NOT_IN_TABLE = ("noise", "split", "log_targets", "prepared_dir")
 LIMIT_SEED = 0
 EMBEDDED_ARCHIVE = ("utils", "data_files", "mp_transport", "transport_database.tar.xz")
 EMBEDDED_MEMBER = "transport_database.csv"
+# data.descriptor_columns: magpie computes the Magpie descriptors from the formula column even when the table
+# has numeric columns (which would otherwise be taken as the descriptors)
+MAGPIE = "magpie"
+# the formula column of a user table when data.formula_column (default pretty_formula) is not in it
+FORMULA_FALLBACK = "formula"
+# fewest rows per split: below them a validation or test R^2 decides nothing (refused at prepare)
+MIN_SPLIT_ROWS = {"train": 10, "val": 5, "test": 5}
+# |Pearson r| from which a descriptor counts as a copy of a target (target leakage: refused)
+LEAK_R = 0.999
+N_EXAMPLES = 5  # examples of dropped rows kept in data_checks
 
 
 def resolve_data_config(data_cfg: dict) -> dict:
@@ -150,11 +161,15 @@ def featurize(formulas: Sequence[str], threads: int = 1, progress: bool | None =
     element arrays 132 times per compound (3.6 ms each, 171 s for the embedded table); this takes seconds.
     `threads` and `progress` are kept for callers; one process is enough now."""
     del threads, progress
-    formulas = list(formulas)
+    return _featurize_compositions(_compositions(list(formulas)))
+
+
+def _featurize_compositions(comps: list[list[tuple[Any, float]] | None]) -> tuple[np.ndarray, np.ndarray]:
+    """featurize() on parsed formulas (None where parsing failed): the caller that reports why rows were dropped
+    parses once and tells unparsable formulas from elements without Magpie data."""
     featurizer = _magpie()
     source, props, stats = featurizer.data_source, list(featurizer.features), list(featurizer.stats)
-    n = len(formulas)
-    comps = _compositions(formulas)
+    n = len(comps)
     # the elemental values, as matminer looks them up (after its NaN imputation); an element it lacks drops its rows
     known: dict[Any, int] = {}
     values = []
@@ -200,7 +215,41 @@ def featurize(formulas: Sequence[str], threads: int = 1, progress: bool | None =
     return features, ok
 
 
-# --- prepare ---------------------------------------------------------------------------------
+# --- prepare: what the checks found ----------------------------------------------------------
+
+
+@dataclass
+class DataChecks:
+    """What `prepare` found in the data: ready.json's `data_checks`, which the diagnostic report's Data section
+    shows. Every list is present (empty when nothing applies); `rows` counts rows read, kept and per split."""
+
+    rows: dict[str, int] = field(default_factory=dict)
+    dropped: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def drop(self, count: int, reason: str, where: str, examples: Sequence[Any] = ()) -> None:
+        if not count:
+            return
+        shown = [str(e) for e in list(examples)[:N_EXAMPLES]]
+        self.dropped.append({"count": int(count), "reason": reason, "where": where, "examples": shown})
+        log.warning("latent data: %d rows dropped (%s, %s), e.g. %s", count, reason, where, shown)
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+        log.warning("latent data: %s", message)
+
+    def to_dict(self) -> dict:
+        return {"rows": dict(self.rows), "dropped": [dict(d) for d in self.dropped],
+                "warnings": list(self.warnings), "notes": list(self.notes)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DataChecks:
+        return cls(dict(d.get("rows") or {}), [dict(x) for x in d.get("dropped") or []],
+                   list(d.get("warnings") or []), list(d.get("notes") or []))
+
+
+# --- prepare: reading ----------------------------------------------------------------------------
 
 
 def _numeric_or_raise(frame: pd.DataFrame, columns: Sequence[str], key: str, source: str) -> None:
@@ -218,7 +267,7 @@ def _missing_or_raise(frame: pd.DataFrame, columns: Sequence[str], key: str, sou
         )
 
 
-def _take_limit(frame: pd.DataFrame, limit: int | None) -> pd.DataFrame:
+def _take_limit(frame: pd.DataFrame, limit: int | None, checks: DataChecks) -> pd.DataFrame:
     """The first `limit` rows of a seeded shuffle: a small subset drawn from the whole table
     (the embedded table is sorted by mp_id, so its head is not representative). The index still
     holds each row's position in the source."""
@@ -227,67 +276,82 @@ def _take_limit(frame: pd.DataFrame, limit: int | None) -> pd.DataFrame:
     if int(limit) < 1:
         raise ValueError(f"data.limit: must be >= 1 or null, got {limit}")
     order = np.random.default_rng(LIMIT_SEED).permutation(len(frame))[: int(limit)]
+    checks.notes.append(f"data.limit: a seeded random subset of {int(limit)} of the {len(frame)} rows")
     return frame.iloc[order]
 
 
-def _ids_and_formulas(frame: pd.DataFrame, cfg: dict) -> tuple[pd.Series, pd.Series]:
-    id_col, formula_col = cfg["id_column"], cfg["formula_column"]
+def _ids_and_formulas(frame: pd.DataFrame, id_col: str | None, formula_col: str | None) -> tuple[pd.Series, pd.Series]:
     # a user table may have neither: rows are then named by their position in the file
     if id_col and id_col in frame.columns:
         ids = frame[id_col].astype(str).to_numpy()
     else:
         ids = frame.index.astype(str).to_numpy()
     if formula_col and formula_col in frame.columns:
-        formulas = frame[formula_col].astype(str).to_numpy()
+        # an empty cell is an empty formula, not the text "nan" (which a formula parser might read)
+        formulas = frame[formula_col].fillna("").astype(str).str.strip().to_numpy()
     else:
         formulas = np.full(len(frame), "", dtype=object)
     return pd.Series(ids, dtype=object), pd.Series(formulas, dtype=object)
 
 
-def _embedded_table(cfg: dict, threads: int) -> tuple[pd.DataFrame, int]:
-    raw = read_embedded_table()
-    source = f"the embedded table ({embedded_archive().name})"
-    targets = list(cfg["targets"])
-    _missing_or_raise(raw, targets, "data.targets", source)
-    raw = _take_limit(raw, cfg.get("limit"))
-    ids, formulas = _ids_and_formulas(raw, {**cfg, "id_column": "mp_id", "formula_column": "pretty_formula"})
-    raw = raw.reset_index(drop=True)
-    labels = magpie_labels()
-    wanted = cfg.get("descriptor_columns")
-    if wanted:
-        unknown = [c for c in wanted if c not in labels]
-        if unknown:
-            raise ValueError(f"data.descriptor_columns: {unknown} are not Magpie descriptors (see feature_labels())")
-    features, ok = featurize(formulas.tolist(), threads=threads)
-    n_dropped = int((~ok).sum())
-    if n_dropped:
-        examples = formulas[~ok].head(5).tolist()
-        log.warning("latent data: %d of %d formulas could not be featurised and were dropped (e.g. %s)",
-                    n_dropped, len(formulas), examples)
-    descriptors = pd.DataFrame(features[ok], columns=labels)
-    if wanted:
-        descriptors = descriptors[list(wanted)]
-    table = pd.concat(
-        [
-            pd.DataFrame({"id": ids[ok].to_numpy(), "formula": formulas[ok].to_numpy()}),
-            descriptors,
-            raw.loc[ok, targets].reset_index(drop=True).astype("float64"),
-        ],
-        axis=1,
-    )
-    return table, n_dropped
+def check_table_path(path: Path) -> None:
+    """data.path must be one readable file: a directory, a missing file or a symlink that leads nowhere (a loop)
+    is named as such here, at the config check, instead of as an unreadable CSV later."""
+    if path.is_symlink() and not path.exists():
+        try:
+            os.stat(path)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise ValueError(f"data.path: {path} is a symlink loop (it points back to itself); "
+                                 "point data.path at the table file itself") from None
+        raise FileNotFoundError(f"data.path: {path} is a symlink to a file that does not exist ({os.readlink(path)})")
+    if path.is_dir():
+        raise ValueError(f"data.path: {path} is a directory; expected a CSV or parquet file (name the table file in it)")
+    if not path.exists():
+        raise FileNotFoundError(f"data.path: file not found: {path}")
+
+
+# what a file's first bytes say it is, for a table saved under the wrong extension
+_MAGIC = (
+    (b"PK\x03\x04", "a ZIP archive (an Excel .xlsx workbook is one)"),
+    (b"\xd0\xcf\x11\xe0", "an old Excel .xls workbook"),
+    (b"PAR1", "a parquet file"),
+    (b"\x1f\x8b", "a gzip-compressed file"),
+)
+
+
+def _sniffed_format(path: Path) -> str | None:
+    """What kind of binary file `path` is, if its first bytes say so; None for text (or unknown)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    kind = next((what for magic, what in _MAGIC if head.startswith(magic)), None)
+    if kind and kind.startswith("a ZIP"):
+        import zipfile
+
+        try:
+            with zipfile.ZipFile(path) as z:
+                if any(n.startswith("xl/") for n in z.namelist()):
+                    kind = "an Excel .xlsx workbook"
+        except zipfile.BadZipFile:
+            pass
+    return kind
 
 
 def _read_user_file(path: Path) -> pd.DataFrame:
     """The user's table; a file pandas cannot read becomes a ValueError naming it and why."""
     name = path.name.lower()
+    is_parquet = name.endswith((".parquet", ".pq"))
+    is_csv = name.endswith((".csv", ".csv.gz", ".csv.bz2", ".csv.xz", ".csv.zst"))
+    if not (is_parquet or is_csv):
+        raise ValueError(f"data.path: {path}: expected a .csv or .parquet file")
+    kind = _sniffed_format(path)
+    # a workbook or a parquet file renamed .csv would otherwise be read as garbled text ("not UTF-8")
+    if name.endswith(".csv") and kind:
+        fix = "rename it to .parquet" if kind == "a parquet file" else \
+            "name it .csv.gz" if kind.startswith("a gzip") else "export it as CSV (UTF-8) or parquet"
+        raise ValueError(f"data.path: {path}: is {kind}, not a CSV text file, despite its .csv name; {fix}")
     try:
-        if name.endswith((".parquet", ".pq")):
-            frame = pd.read_parquet(path)
-        elif name.endswith((".csv", ".csv.gz", ".csv.bz2", ".csv.xz", ".csv.zst")):
-            frame = pd.read_csv(path)
-        else:
-            raise ValueError(f"data.path: {path}: expected a .csv or .parquet file")
+        frame = pd.read_parquet(path) if is_parquet else pd.read_csv(path)
     except UnicodeDecodeError as e:
         raise ValueError(f"data.path: {path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
     except pd.errors.EmptyDataError:
@@ -303,54 +367,298 @@ def _read_user_file(path: Path) -> pd.DataFrame:
     return frame
 
 
-def _user_table(cfg: dict) -> tuple[pd.DataFrame, int]:
-    if not cfg.get("path"):
-        raise ValueError("data.path: required when data.source is 'path'")
-    path = Path(cfg["path"])
-    if not path.is_file():
-        raise FileNotFoundError(f"data.path: file not found: {path}")
-    raw = _read_user_file(path)
-    source = str(path)
+# --- prepare: descriptors ------------------------------------------------------------------------
+
+
+def _formula_column(frame: pd.DataFrame, cfg: dict) -> str | None:
+    """The column holding chemical formulas: data.formula_column, else one named `formula` (the natural name
+    in a user's own table, where the default pretty_formula, Materials Project's name, is rarely used)."""
+    for name in (cfg.get("formula_column"), FORMULA_FALLBACK):
+        if name and name in frame.columns:
+            return name
+    return None
+
+
+def _note_text_columns(frame: pd.DataFrame, skip: set, source: str, checks: DataChecks) -> None:
+    """Text columns are not descriptors. One that is mostly numbers is a descriptor with a unit or a word typed into
+    some cells: warned, since it is silently left out otherwise."""
+    for column in frame.columns:
+        if column in skip or pd.api.types.is_numeric_dtype(frame[column]):
+            continue
+        values = frame[column].dropna()
+        share = pd.to_numeric(values, errors="coerce").notna().mean() if len(values) else 0.0
+        if share >= 0.5:
+            bad = values[pd.to_numeric(values, errors="coerce").isna()].astype(str).unique()[:3].tolist()
+            checks.warn(f"{source} column {column!r} is mostly numbers but has text cells (e.g. {bad}), so it is "
+                        "not used as a descriptor; fix those cells to use it")
+        else:
+            checks.notes.append(f"column {column!r} of {source} is text: not a descriptor")
+
+
+def _choose_descriptors(raw: pd.DataFrame, cfg: dict, source: str, checks: DataChecks) -> tuple[list[str] | None, str | None]:
+    """(descriptor columns, formula column) of a user table; descriptor columns None means: compute the Magpie
+    descriptors from the formula column. Descriptors in the table win over a formula column beside them, which
+    then names the rows (the design report's nearest compounds)."""
     targets = list(cfg["targets"])
-    _missing_or_raise(raw, targets, "data.targets", source)
-    _numeric_or_raise(raw, targets, "data.targets", source)
-    not_descriptors = set(targets) | {cfg.get("id_column"), cfg.get("formula_column")}
-    if cfg.get("descriptor_columns"):
-        descriptor_columns = list(cfg["descriptor_columns"])
+    formula_col = _formula_column(raw, cfg)
+    wanted = cfg.get("descriptor_columns")
+    formula_names = f"'{cfg.get('formula_column')}' or '{FORMULA_FALLBACK}'"
+    if wanted == MAGPIE:
+        if formula_col is None:
+            raise ValueError(f"data.descriptor_columns: 'magpie' needs a formula column, and {source} has no column "
+                             f"{formula_names}; set data.formula_column to the column holding the formulas")
+        return None, formula_col
+    if isinstance(wanted, str):
+        raise ValueError(f"data.descriptor_columns: expected a list of column names or 'magpie', got {wanted!r}")
+    if wanted:
+        descriptor_columns = list(wanted)
         _missing_or_raise(raw, descriptor_columns, "data.descriptor_columns", source)
         overlap = sorted(set(descriptor_columns) & set(targets))
         if overlap:
             raise ValueError(f"data.descriptor_columns: {overlap} are also targets (in {source})")
         _numeric_or_raise(raw, descriptor_columns, "data.descriptor_columns", source)
     else:
-        descriptor_columns = [
-            c for c in raw.columns if c not in not_descriptors and pd.api.types.is_numeric_dtype(raw[c])
-        ]
+        not_descriptors = set(targets) | {cfg.get("id_column"), formula_col}
+        _note_text_columns(raw, not_descriptors, source, checks)
+        descriptor_columns = [c for c in raw.columns if c not in not_descriptors and pd.api.types.is_numeric_dtype(raw[c])]
         if not descriptor_columns:
-            raise ValueError(f"data.descriptor_columns: {source} has no numeric column besides the targets")
+            if formula_col is not None:
+                return None, formula_col
+            raise ValueError(
+                f"data: {source} has no descriptor columns (numeric columns besides the targets {targets}) and no "
+                f"formula column ({formula_names}) to compute Magpie descriptors from; add either, or set "
+                "data.formula_column to the column holding the formulas")
     clash = sorted({"id", "formula"} & set(descriptor_columns + targets))
     if clash:
         raise ValueError(f"data.descriptor_columns/targets: {clash} are reserved names in the prepared table")
-    raw = _take_limit(raw, cfg.get("limit"))
-    ids, formulas = _ids_and_formulas(raw, cfg)
-    raw = raw.reset_index(drop=True)
-    x = raw[descriptor_columns].to_numpy(dtype="float64")
-    # a model cannot take a missing descriptor: such rows are dropped and counted, like
-    # formulas that fail to featurise (missing *targets* are fine, the loss masks them)
-    ok = np.isfinite(x).all(axis=1)
-    n_dropped = int((~ok).sum())
-    if n_dropped:
-        log.warning("latent data: %d of %d rows of %s have missing/non-finite descriptors and were dropped",
-                    n_dropped, len(raw), source)
-    table = pd.concat(
+    return descriptor_columns, formula_col
+
+
+def _magpie_descriptors(formulas: pd.Series, ids: pd.Series, where: str, checks: DataChecks) -> tuple[pd.DataFrame, np.ndarray]:
+    """The 132 Magpie descriptors of each formula (the embedded data's, by the same featurize()) and the mask of
+    rows that have them; empty, unparsable and unfeaturisable formulas are counted apart."""
+    from pymatgen.core import Element
+
+    comps = _compositions(formulas.tolist())
+    features, ok = _featurize_compositions(comps)
+    empty = (formulas == "").to_numpy()
+    # pymatgen reads an unknown symbol (Xx) as a dummy species: unparsable for chemistry
+    parsed = np.array([c is not None and all(isinstance(e, Element) for e, _ in c) for c in comps], dtype=bool)
+    unparsable = ~parsed & ~empty
+    no_data = parsed & ~ok
+    checks.drop(int(empty.sum()), "empty formula", where, [f"row {i}" for i in ids[empty]])
+    checks.drop(int(unparsable.sum()), "unparsable formula", where, formulas[unparsable].unique())
+    checks.drop(int(no_data.sum()), "element without Magpie data", where, formulas[no_data].unique())
+    if not ok.any():
+        raise ValueError(f"data: none of the {len(formulas)} formulas in {where} could be featurised "
+                         f"(e.g. {formulas.head(3).tolist()}); write formulas like Bi2Te3 or PbTe")
+    labels = magpie_labels()
+    checks.notes.append(f"featurised {int(ok.sum())} formulas ({where}) with Magpie ({len(labels)} descriptors)")
+    return pd.DataFrame(features, columns=labels), ok
+
+
+def _drop_duplicate_columns(x: pd.DataFrame, source: str, checks: DataChecks) -> pd.DataFrame:
+    """A descriptor column identical to an earlier one adds nothing but weight in the reconstruction loss (and
+    is usually a column pasted twice): the copy is dropped, with a warning naming both."""
+    hashes = {c: pd.util.hash_array(x[c].to_numpy()).sum() for c in x.columns}
+    seen: dict[Any, str] = {}
+    dropped = []
+    for column in x.columns:
+        first = seen.get(hashes[column])
+        if first is not None and x[first].equals(x[column]):
+            dropped.append(column)
+            checks.warn(f"{source} column {column!r} is identical to column {first!r}: dropped as a duplicate "
+                        "descriptor; remove one of them from the file")
+        else:
+            seen.setdefault(hashes[column], column)
+    return x.drop(columns=dropped)
+
+
+def _finite_descriptor_rows(x: pd.DataFrame, ids: pd.Series, source: str, checks: DataChecks) -> np.ndarray:
+    """A model cannot take a missing or infinite descriptor: such rows are dropped and counted (missing *targets*
+    are fine, the loss masks them)."""
+    values = x.to_numpy(dtype="float64")
+    missing = np.isnan(values)
+    infinite = np.isinf(values)
+    for bad, reason in ((missing.any(axis=1), "missing descriptor value"),
+                        (infinite.any(axis=1) & ~missing.any(axis=1), "infinite descriptor value")):
+        columns = x.columns[(missing if "missing" in reason else infinite).any(axis=0)].tolist()
+        checks.drop(int(bad.sum()), reason, f"{source} columns {columns[:5]}", [f"row {i}" for i in ids[bad]])
+    ok = np.isfinite(values).all(axis=1)
+    if (~ok).sum() > len(ok) / 2:
+        checks.warn(f"{source}: {int((~ok).sum())} of {len(ok)} rows have missing or infinite descriptors and were "
+                    "dropped; fill them in or leave the worst columns out (data.descriptor_columns)")
+    return ok
+
+
+# --- prepare: the two sources --------------------------------------------------------------------
+
+
+def _assemble(ids: pd.Series, formulas: pd.Series, descriptors: pd.DataFrame, targets: pd.DataFrame,
+              ok: np.ndarray) -> pd.DataFrame:
+    """The prepared table: id, formula, descriptors, targets (raw, physical units), rows in `ok` only."""
+    return pd.concat(
         [
             pd.DataFrame({"id": ids[ok].to_numpy(), "formula": formulas[ok].to_numpy()}),
-            pd.DataFrame(x[ok], columns=descriptor_columns),
-            raw.loc[ok, targets].reset_index(drop=True).astype("float64"),
+            descriptors[ok].reset_index(drop=True),
+            targets[ok].reset_index(drop=True).astype("float64"),
         ],
         axis=1,
     )
-    return table, n_dropped
+
+
+def _embedded_table(cfg: dict, checks: DataChecks) -> pd.DataFrame:
+    raw = read_embedded_table()
+    source = f"the embedded table ({embedded_archive().name})"
+    targets = list(cfg["targets"])
+    _missing_or_raise(raw, targets, "data.targets", source)
+    checks.rows["read"] = len(raw)
+    raw = _take_limit(raw, cfg.get("limit"), checks)
+    ids, formulas = _ids_and_formulas(raw, "mp_id", "pretty_formula")
+    raw = raw.reset_index(drop=True)
+    wanted = cfg.get("descriptor_columns")
+    if wanted and wanted != MAGPIE:
+        unknown = [c for c in wanted if c not in magpie_labels()]
+        if unknown:
+            raise ValueError(f"data.descriptor_columns: {unknown} are not Magpie descriptors (see feature_labels())")
+    descriptors, ok = _magpie_descriptors(formulas, ids, f"{source} column pretty_formula", checks)
+    if wanted and wanted != MAGPIE:
+        descriptors = descriptors[list(wanted)]
+    return _assemble(ids, formulas, descriptors, raw[targets], ok)
+
+
+def _user_table(cfg: dict, checks: DataChecks) -> pd.DataFrame:
+    if not cfg.get("path"):
+        raise ValueError("data.path: required when data.source is 'path'")
+    path = Path(cfg["path"])
+    check_table_path(path)
+    raw = _read_user_file(path)
+    source = str(path)
+    targets = list(cfg["targets"])
+    _missing_or_raise(raw, targets, "data.targets", source)
+    _numeric_or_raise(raw, targets, "data.targets", source)
+    checks.rows["read"] = len(raw)
+    descriptor_columns, formula_col = _choose_descriptors(raw, cfg, source, checks)
+    raw = _take_limit(raw, cfg.get("limit"), checks)
+    ids, formulas = _ids_and_formulas(raw, cfg.get("id_column"), formula_col)
+    raw = raw.reset_index(drop=True)
+    if descriptor_columns is None:
+        descriptors, ok = _magpie_descriptors(formulas, ids, f"{source} column {formula_col}", checks)
+    else:
+        descriptors = _drop_duplicate_columns(raw[descriptor_columns].astype("float64"), source, checks)
+        ok = _finite_descriptor_rows(descriptors, ids, source, checks)
+    return _assemble(ids, formulas, descriptors, raw[targets], ok)
+
+
+# --- prepare: the checks of the table ------------------------------------------------------------
+
+
+def _check_targets(table: pd.DataFrame, targets: list[str], source: str, checks: DataChecks) -> dict:
+    """Refuse targets no model can learn (infinite values, no values, one value); note the missing ones.
+    Returns per target the counts of observed and positive values (the log-target check needs them)."""
+    stats = {}
+    for t in targets:
+        y = table[t]
+        infinite = np.isinf(y.to_numpy())
+        if infinite.any():
+            raise ValueError(f"data.targets: column {t!r} of {source} has {int(infinite.sum())} infinite value(s) "
+                             f"(rows with id {table['id'][infinite].head(N_EXAMPLES).tolist()}); fix them or leave "
+                             "the cells empty (an empty target is skipped by the loss)")
+        observed = y.dropna()
+        if observed.empty:
+            raise ValueError(f"data.targets: column {t!r} of {source} has no values (every kept row is empty); "
+                             "remove it from data.targets")
+        if observed.nunique() == 1:
+            raise ValueError(f"data.targets: column {t!r} of {source} is constant ({observed.iloc[0]!r} in all "
+                             f"{len(observed)} rows with a value): nothing to learn; remove it from data.targets")
+        if len(observed) < len(y):
+            checks.notes.append(f"target {t!r}: {len(y) - len(observed)} of {len(y)} rows have no value "
+                                "(the loss skips them)")
+        stats[t] = {"observed": int(len(observed)), "positive": int((observed > 0).sum())}
+    return stats
+
+
+def _correlations(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Pearson r of every column of x with y, over the rows where both are finite (NaN where undefined)."""
+    rows = np.isfinite(y) & np.isfinite(x).all(axis=1)
+    if rows.sum() < 3:
+        return np.full(x.shape[1], np.nan)
+    xc = x[rows] - x[rows].mean(axis=0)
+    yc = y[rows] - y[rows].mean()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (xc * yc[:, None]).sum(axis=0) / (np.sqrt((xc**2).sum(axis=0)) * np.sqrt((yc**2).sum()))
+
+
+def _check_leakage(table: pd.DataFrame, descriptor_columns: list[str], targets: list[str], source: str) -> None:
+    """A descriptor that is a target (a copy, a rescaled copy, its log10 or the copy with tiny noise) would give
+    a near-perfect score that says nothing about the compounds: refused, naming both columns."""
+    x = table[descriptor_columns].to_numpy(dtype="float64")
+    for t in targets:
+        y = table[t].to_numpy(dtype="float64")
+        with np.errstate(invalid="ignore", divide="ignore"):
+            logged = np.where(y > 0, np.log10(np.where(y > 0, y, 1.0)), np.nan)
+        for values, how in ((y, ""), (logged, " of log10")):
+            r = np.abs(_correlations(x, values))
+            if np.nanmax(r, initial=0.0) >= LEAK_R:
+                j = int(np.nanargmax(r))
+                raise ValueError(
+                    f"data: descriptor column {descriptor_columns[j]!r} of {source} is target {t!r} again "
+                    f"(|Pearson r|{how} = {r[j]:.4f} >= {LEAK_R}): target leakage, a model would read the answer "
+                    "from its input; remove the column or list the real descriptors in data.descriptor_columns")
+
+
+def split_sizes(n: int, val: float, test: float) -> dict[str, int]:
+    """Rows per split for n rows: a non-zero share keeps at least one row (split_indices' rule)."""
+    n_test = max(1, round(test * n)) if test > 0 else 0
+    n_val = max(1, round(val * n)) if val > 0 else 0
+    return {"train": n - n_test - n_val, "val": n_val, "test": n_test}
+
+
+def _enough(sizes: dict[str, int], val: float, test: float) -> bool:
+    shares = {"train": 1.0, "val": val, "test": test}
+    return all(sizes[s] >= MIN_SPLIT_ROWS[s] for s in SPLITS if shares[s] > 0)
+
+
+def min_rows(val: float, test: float) -> int:
+    """The fewest rows that give every split with a non-zero share its minimum (MIN_SPLIT_ROWS)."""
+    n = sum(MIN_SPLIT_ROWS[s] for s, share in (("train", 1), ("val", val), ("test", test)) if share > 0)
+    for share, least in ((val, MIN_SPLIT_ROWS["val"]), (test, MIN_SPLIT_ROWS["test"])):
+        if share > 0:
+            n = max(n, int((least - 0.5) / share))  # a lower bound (round() may give the share one row more)
+    while not _enough(split_sizes(n, val, test), val, test):
+        n += 1
+    return n
+
+
+def _split_rows(n: int, split_cfg: dict, source: str) -> dict[str, int]:
+    """Rows per split; too few rows for the split are refused with the numbers (a validation R^2 over two rows
+    decides nothing, and an empty split would only fail later, in training)."""
+    val, test = check_split(split_cfg)
+    sizes = split_sizes(n, val, test)
+    if not _enough(sizes, val, test):
+        least = min_rows(val, test)
+        raise ValueError(
+            f"data: {n} usable rows in {source} are too few for data.split (val={val}, test={test}): it needs at "
+            f"least {least} rows (train >= {MIN_SPLIT_ROWS['train']}, val and test >= {MIN_SPLIT_ROWS['val']} each); "
+            "add rows or change data.split")
+    return sizes
+
+
+def _check_log_targets(stats: dict, cfg: dict, source: str, checks: DataChecks) -> None:
+    """Targets in data.log_targets are trained as log10: a value <= 0 has no log and becomes missing. All of them
+    is refused; some of them is warned (data.log_targets is not in the cache key, so this runs on every call)."""
+    for t in [t for t in cfg["targets"] if t in set(cfg.get("log_targets") or [])]:
+        observed, positive = stats[t]["observed"], stats[t]["positive"]
+        if positive == 0:
+            raise ValueError(f"data.log_targets: target {t!r} of {source} has no value > 0, so its log10 is empty; "
+                             "remove it from data.log_targets")
+        if positive < observed:
+            checks.warn(f"{source} column {t!r}: {observed - positive} of {observed} values are <= 0 and have no "
+                        f"log10, so they count as missing; remove {t!r} from data.log_targets to keep them")
+
+
+def _source_name(cfg: dict) -> str:
+    return str(cfg["path"]) if cfg["source"] == "path" else "the embedded table"
 
 
 def _write_parquet_atomic(table: pd.DataFrame, path: Path) -> None:
@@ -371,40 +679,64 @@ def read_meta(out_dir: Path) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def prepare(data_cfg: dict, out_dir: Path, threads: int = 1) -> dict:
-    """Build out_dir/table.parquet and out_dir/meta.json for the data config; reuse them when
-    meta.json carries the same fingerprint. Returns meta."""
-    cfg = resolve_data_config(data_cfg)
-    out_dir = Path(out_dir)
-    digest = fingerprint(cfg)
-    meta = read_meta(out_dir)
-    if meta is not None and meta.get("fingerprint") == digest and (out_dir / TABLE).exists():
-        return meta
+def _build(cfg: dict, digest: str) -> tuple[pd.DataFrame, dict]:
+    """The prepared table of the config's source, checked, and its meta (data_checks without the split)."""
     started = time.perf_counter()
+    checks = DataChecks()
     if cfg["source"] == "embedded":
-        table, n_dropped = _embedded_table(cfg, threads=max(1, int(threads)))
+        table = _embedded_table(cfg, checks)
     elif cfg["source"] == "path":
-        table, n_dropped = _user_table(cfg)
+        table = _user_table(cfg, checks)
     else:
         raise ValueError(f"data.source: expected 'embedded' or 'path', got {cfg['source']!r}")
+    source = _source_name(cfg)
     if len(table) == 0:
-        raise ValueError(f"data: no usable rows ({n_dropped} dropped)")
+        raise ValueError(f"data: no usable rows in {source} ({sum(d['count'] for d in checks.dropped)} dropped)")
     targets = list(cfg["targets"])
     descriptor_columns = [c for c in table.columns if c not in ("id", "formula") and c not in targets]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _write_parquet_atomic(table, out_dir / TABLE)
+    target_stats = _check_targets(table, targets, source, checks)
+    _check_leakage(table, descriptor_columns, targets, source)
+    checks.rows["kept"] = len(table)
     meta = {
         "source": cfg["source"],
         "path": str(cfg["path"]) if cfg["source"] == "path" else None,
         "n_rows": int(len(table)),
-        "n_dropped": n_dropped,
+        "n_dropped": sum(d["count"] for d in checks.dropped),
         "descriptor_columns": descriptor_columns,
         "target_columns": targets,
+        "target_stats": target_stats,
+        "data_checks": checks.to_dict(),
         "seconds": round(time.perf_counter() - started, 3),
         "fingerprint": digest,
     }
-    # meta.json last: its presence (with this fingerprint) means the table is complete
-    write_json(out_dir / META, meta)
+    return table, meta
+
+
+def prepare(data_cfg: dict, out_dir: Path, threads: int = 1) -> dict:
+    """Build out_dir/table.parquet and out_dir/meta.json for the data config; reuse them when meta.json carries
+    the same fingerprint. Returns meta, whose data_checks (what was read, dropped, warned) are the same for a
+    cached table; their split counts and the log-target warnings follow data.split and data.log_targets, which
+    are not in the fingerprint, so they are recomputed on every call. A refusal is a ValueError, before any
+    file is written."""
+    del threads  # featurize needs one process
+    cfg = resolve_data_config(data_cfg)
+    out_dir = Path(out_dir)
+    digest = fingerprint(cfg)
+    meta = read_meta(out_dir)
+    cached = meta is not None and meta.get("fingerprint") == digest and (out_dir / TABLE).exists()
+    table = None
+    if not cached:
+        table, meta = _build(cfg, digest)
+    source = _source_name(cfg)
+    checks = DataChecks.from_dict(meta["data_checks"])
+    checks.rows.update(_split_rows(meta["n_rows"], cfg["split"], source))
+    _check_log_targets(meta["target_stats"], cfg, source, checks)
+    meta = {**meta, "data_checks": checks.to_dict()}
+    if table is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _write_parquet_atomic(table, out_dir / TABLE)
+        # meta.json last: its presence (with this fingerprint) means the table is complete
+        write_json(out_dir / META, meta)
     return meta
 
 
@@ -528,9 +860,9 @@ def split_indices(n: int, split_cfg: dict) -> dict[str, np.ndarray]:
     val, test = check_split(split_cfg)
     order = np.random.default_rng(int(split_cfg.get("seed", 0))).permutation(n)
     # a non-zero share keeps at least one row, as long as train keeps one too
-    n_test = max(1, round(test * n)) if test > 0 else 0
-    n_val = max(1, round(val * n)) if val > 0 else 0
-    if n - n_test - n_val < 1:
+    sizes = split_sizes(n, val, test)
+    n_test, n_val = sizes["test"], sizes["val"]
+    if sizes["train"] < 1:
         raise ValueError(f"data.split: {n} rows leave no training rows (val={val}, test={test})")
     return {
         "test": np.sort(order[:n_test]),
