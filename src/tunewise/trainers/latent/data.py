@@ -569,7 +569,7 @@ def _check_targets(table: pd.DataFrame, targets: list[str], source: str, checks:
             raise ValueError(f"data.targets: column {t!r} of {source} has no values (every kept row is empty); "
                              "remove it from data.targets")
         if observed.nunique() == 1:
-            raise ValueError(f"data.targets: column {t!r} of {source} is constant ({observed.iloc[0]!r} in all "
+            raise ValueError(f"data.targets: column {t!r} of {source} is constant ({observed.iloc[0]:g} in all "
                              f"{len(observed)} rows with a value): nothing to learn; remove it from data.targets")
         if len(observed) < len(y):
             checks.notes.append(f"target {t!r}: {len(y) - len(observed)} of {len(y)} rows have no value "
@@ -729,8 +729,9 @@ def prepare(data_cfg: dict, out_dir: Path, threads: int = 1) -> dict:
         table, meta = _build(cfg, digest)
     source = _source_name(cfg)
     checks = DataChecks.from_dict(meta["data_checks"])
-    checks.rows.update(_split_rows(meta["n_rows"], cfg["split"], source))
+    # the data's own problems first: too few rows is a matter of the split as well
     _check_log_targets(meta["target_stats"], cfg, source, checks)
+    checks.rows.update(_split_rows(meta["n_rows"], cfg["split"], source))
     meta = {**meta, "data_checks": checks.to_dict()}
     if table is not None:
         out_dir.mkdir(parents=True, exist_ok=True)

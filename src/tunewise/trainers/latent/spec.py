@@ -65,8 +65,8 @@ class LatentSpec(Capabilities):
         data = config["data"]
         check_data_source(data)
         if data["source"] == "path":
-            if not Path(data["path"]).exists():
-                raise FileNotFoundError(f"data.path: file not found: {data['path']}")
+            # a directory or a symlink loop is named as such now, before any job
+            latent_data.check_table_path(Path(data["path"]))
         if not data["targets"]:
             raise ValueError("data.targets: at least one target column is required")
         latent_data.check_split({**latent_data.DEFAULT_DATA["split"], **(data.get("split") or {})})
