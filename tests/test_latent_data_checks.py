@@ -196,3 +196,12 @@ def test_an_infinite_target_is_refused_so_no_run_can_diverge_on_it(tmp_path):
     table.to_csv(path, index=False)
     with pytest.raises(ValueError, match=r"column 'band_gap' of .* has 1 infinite value\(s\) \(rows with id \['7'\]\)"):
         prepare(cfg_for(path), tmp_path / "prep")
+
+
+def test_a_descriptor_too_large_to_standardise_is_refused(tmp_path):
+    table = descriptor_table()
+    table["d3"] = table["d3"] * 1e200
+    path = tmp_path / "t.csv"
+    table.to_csv(path, index=False)
+    with pytest.raises(ValueError, match="descriptor column 'd3' .* too large to standardise"):
+        prepare(cfg_for(path), tmp_path / "prep")

@@ -6,7 +6,13 @@ split train/val/test, every run.
 
 Embedded default: the Materials Project transport table that ships inside matminer
 (Ricci et al. 2017, 47,737 compounds), featurised with Magpie element statistics. A user's
-own CSV/parquet with descriptor and target columns is read as it is.
+own CSV/parquet with descriptor and target columns is read as it is; one with a formula column
+and no descriptor columns gets the same Magpie descriptors as the embedded table.
+
+`prepare` checks the table before writing anything (issue 15): target leakage, infinite, empty
+and constant targets, too few rows for the split and files that are not a table are refused
+(ValueError naming the file and column); dropped rows, warnings and notes come back as the
+`data_checks` of meta.json and ready.json, which the diagnostic report's Data section shows.
 """
 from __future__ import annotations
 
@@ -578,6 +584,18 @@ def _check_targets(table: pd.DataFrame, targets: list[str], source: str, checks:
     return stats
 
 
+def _check_magnitudes(table: pd.DataFrame, descriptor_columns: list[str], source: str) -> None:
+    """Finite descriptors so large that their spread overflows (1e200) would standardise to NaN, and the run
+    would then diverge for a reason no learning rate explains: refused, naming the column."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        spread = table[descriptor_columns].to_numpy(dtype="float64").std(axis=0)
+    bad = [c for c, s in zip(descriptor_columns, spread) if not np.isfinite(s)]
+    if bad:
+        peak = float(np.abs(table[bad[0]]).max())
+        raise ValueError(f"data: descriptor column {bad[0]!r} of {source} has values too large to standardise "
+                         f"(up to {peak:.3g}); rescale it (or its log10) or leave it out")
+
+
 def _correlations(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Pearson r of every column of x with y, over the rows where both are finite (NaN where undefined)."""
     rows = np.isfinite(y) & np.isfinite(x).all(axis=1)
@@ -695,6 +713,7 @@ def _build(cfg: dict, digest: str) -> tuple[pd.DataFrame, dict]:
     targets = list(cfg["targets"])
     descriptor_columns = [c for c in table.columns if c not in ("id", "formula") and c not in targets]
     target_stats = _check_targets(table, targets, source, checks)
+    _check_magnitudes(table, descriptor_columns, source)
     _check_leakage(table, descriptor_columns, targets, source)
     checks.rows["kept"] = len(table)
     meta = {
