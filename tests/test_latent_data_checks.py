@@ -205,3 +205,23 @@ def test_a_descriptor_too_large_to_standardise_is_refused(tmp_path):
     table.to_csv(path, index=False)
     with pytest.raises(ValueError, match="descriptor column 'd3' .* too large to standardise"):
         prepare(cfg_for(path), tmp_path / "prep")
+
+
+def test_a_target_too_large_to_standardise_is_refused_unless_it_is_trained_as_log10(tmp_path):
+    table = descriptor_table()
+    table["bulk_modulus"] = table["bulk_modulus"] * 1e200
+    path = tmp_path / "t.csv"
+    table.to_csv(path, index=False)
+    with pytest.raises(ValueError, match="column 'bulk_modulus' .* too large to standardise; .* data.log_targets"):
+        prepare(cfg_for(path, log_targets=[]), tmp_path / "prep")
+    assert prepare(cfg_for(path), tmp_path / "prep")["n_rows"] == 60  # log10 of 1e202 is 202
+
+
+def test_leakage_is_found_at_any_scale():
+    from tunewise.trainers.latent.data import _correlations
+
+    rng = np.random.default_rng(0)
+    y = rng.normal(size=50) * 1e200
+    x = np.stack([y * 3.0, rng.normal(size=50), np.zeros(50)], axis=1)
+    r = _correlations(x, y)
+    assert r[0] == pytest.approx(1.0) and abs(r[1]) < 0.5 and np.isnan(r[2])

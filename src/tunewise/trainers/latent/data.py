@@ -580,7 +580,10 @@ def _check_targets(table: pd.DataFrame, targets: list[str], source: str, checks:
         if len(observed) < len(y):
             checks.notes.append(f"target {t!r}: {len(y) - len(observed)} of {len(y)} rows have no value "
                                 "(the loss skips them)")
-        stats[t] = {"observed": int(len(observed)), "positive": int((observed > 0).sum())}
+        with np.errstate(over="ignore", invalid="ignore"):
+            spread_ok = bool(np.isfinite(observed.to_numpy(dtype="float64").std()))
+        # spread_ok: whether the raw values standardise (1e200 does not, its log10 does)
+        stats[t] = {"observed": int(len(observed)), "positive": int((observed > 0).sum()), "spread_ok": spread_ok}
     return stats
 
 
@@ -601,9 +604,10 @@ def _correlations(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     rows = np.isfinite(y) & np.isfinite(x).all(axis=1)
     if rows.sum() < 3:
         return np.full(x.shape[1], np.nan)
-    xc = x[rows] - x[rows].mean(axis=0)
-    yc = y[rows] - y[rows].mean()
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        # scaled to |value| <= 1 first (r does not change): squares of values like 1e200 would overflow
+        xs, ys = x[rows] / np.abs(x[rows]).max(axis=0), y[rows] / np.abs(y[rows]).max()
+        xc, yc = xs - xs.mean(axis=0), ys - ys.mean()
         return (xc * yc[:, None]).sum(axis=0) / (np.sqrt((xc**2).sum(axis=0)) * np.sqrt((yc**2).sum()))
 
 
@@ -664,8 +668,14 @@ def _split_rows(n: int, split_cfg: dict, source: str) -> dict[str, int]:
 
 def _check_log_targets(stats: dict, cfg: dict, source: str, checks: DataChecks) -> None:
     """Targets in data.log_targets are trained as log10: a value <= 0 has no log and becomes missing. All of them
-    is refused; some of them is warned (data.log_targets is not in the cache key, so this runs on every call)."""
-    for t in [t for t in cfg["targets"] if t in set(cfg.get("log_targets") or [])]:
+    is refused; some of them is warned. A target trained as it is must standardise (values of 1e200 would give
+    NaN losses, a divergence no learning rate explains). data.log_targets is not in the cache key, so this runs
+    on every call."""
+    log_targets = set(cfg.get("log_targets") or [])
+    for t in [t for t in cfg["targets"] if t not in log_targets and not stats[t].get("spread_ok", True)]:
+        raise ValueError(f"data.targets: column {t!r} of {source} has values too large to standardise; rescale it "
+                         "or add it to data.log_targets")
+    for t in [t for t in cfg["targets"] if t in log_targets]:
         observed, positive = stats[t]["observed"], stats[t]["positive"]
         if positive == 0:
             raise ValueError(f"data.log_targets: target {t!r} of {source} has no value > 0, so its log10 is empty; "
