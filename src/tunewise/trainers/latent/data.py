@@ -484,11 +484,13 @@ def _finite_descriptor_rows(x: pd.DataFrame, ids: pd.Series, source: str, checks
     """A model cannot take a missing or infinite descriptor: such rows are dropped and counted (missing *targets*
     are fine, the loss masks them)."""
     values = x.to_numpy(dtype="float64")
-    missing = np.isnan(values)
-    infinite = np.isinf(values)
-    for bad, reason in ((missing.any(axis=1), "missing descriptor value"),
-                        (infinite.any(axis=1) & ~missing.any(axis=1), "infinite descriptor value")):
-        columns = x.columns[(missing if "missing" in reason else infinite).any(axis=0)].tolist()
+    missing, infinite = np.isnan(values), np.isinf(values)
+    # a row with both counts once, as missing
+    rows = {"missing descriptor value": missing.any(axis=1),
+            "infinite descriptor value": infinite.any(axis=1) & ~missing.any(axis=1)}
+    cells = {"missing descriptor value": missing, "infinite descriptor value": infinite}
+    for reason, bad in rows.items():
+        columns = x.columns[cells[reason].any(axis=0)].tolist()
         checks.drop(int(bad.sum()), reason, f"{source} columns {columns[:5]}", [f"row {i}" for i in ids[bad]])
     ok = np.isfinite(values).all(axis=1)
     if (~ok).sum() > len(ok) / 2:
