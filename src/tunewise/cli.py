@@ -87,6 +87,7 @@ def cmd_diagnose(args) -> None:
 
     reports_dir = Path(args.reports_dir)
     diagnose_run(_experiment(args), args.run_dir, args.out_dir, rule=args.rule,
+                 data_ready=_exp_dir(args) / "data" / "ready.json",
                  report=lambda diagnosis, run_dir: write_diagnostic_report(diagnosis, run_dir, reports_dir))
 
 
@@ -371,14 +372,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from tunewise.config import ConfigError
-    from tunewise.devices import GpuSlotError
+    from tunewise.devices import DeviceError, GpuSlotError
     from tunewise.runs import CheckpointError
     from tunewise.tracking import TrackingError
 
     try:
         _claim_gpu_slots(args)
         args.func(args)
-    except (CliError, ConfigError, FileNotFoundError, GpuSlotError, TrackingError, CheckpointError) as e:
+    except (CliError, ConfigError, DeviceError, FileNotFoundError, GpuSlotError, TrackingError, CheckpointError) as e:
         print(f"tunewise {args.verb}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -159,6 +159,12 @@ class TextCapsSpec(Capabilities):
     def default_config(self) -> dict:
         return copy.deepcopy(DEFAULT_CONFIG)
 
+    def metric_names(self, config: dict) -> list[str]:
+        """What a run writes (checked against metric.name at validation); group and class names come from the
+        data, hence the patterns."""
+        names = ["loss", "acc", "worst_group_acc", "avg_acc", "acc/*", "class_acc/*"]
+        return [f"{split}/{name}" for split in ("val", "train") for name in names] + ["train/eval_loss"]
+
     # --- config ---------------------------------------------------------------------------------
     def check_config(self, config: dict) -> None:
         data, m, a, dro = config["data"], config["model"], config["anchors"], config["groupdro"]
