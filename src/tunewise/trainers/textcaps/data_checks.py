@@ -145,6 +145,9 @@ def _summarise(root: Path, cfg: dict, data_cfg: dict, summaries: dict, label_cou
                 examples = [_short(root, e) for e in s["examples"].get(kind, [])[:EXAMPLES]]
                 checks["dropped"].append({"count": int(s[kind]), "reason": reason, "where": s["file"],
                                           "examples": examples})
+        # the caption entries (json) or rows (parquet) against the images they describe, and what is left
+        unit = "caption entries" if s["format"] == "json" else "parquet rows"
+        checks["notes"].append(f"{split}: {s['n_entries']} {unit} of {s['n_images']} images, {s['n_kept']} kept")
         if s["dropped_class"]:
             checks["notes"].append(f"{split}: {s['dropped_class']} images of classes outside the {len(cfg['classes'])} "
                                    "chosen (data.num_classes / data.classes) left out")
