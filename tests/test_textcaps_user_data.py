@@ -17,7 +17,6 @@ from PIL import Image
 from e2e_support import env
 from textcaps_user_data import MISSING_IMAGE, TINY, write_json_layout, write_parquet_layout
 from tunewise.experiment import resolve_experiment, validate
-from tunewise.trainers.textcaps import data_checks
 from tunewise.trainers.textcaps.data import annotation_name, generate, ocr_name
 from tunewise.trainers.textcaps.spec import TextCapsSpec, resolve_mode
 from tunewise.trainers.textcaps.trainer import TextCapsTrainer
