@@ -67,3 +67,17 @@ def test_the_parquet_layout_says_the_text_view_has_no_ocr_and_how_to_fix_it(work
     assert checks["dropped"] == []
     (ocr,) = [w for w in checks["warnings"] if "no OCR records" in w]
     assert "data.ocr_dir" in ocr and "text view" in ocr and "parquet" in ocr
+
+
+def test_the_diagnostic_report_states_the_missing_ocr_and_the_dropped_caption(workflow):
+    work, json_name, parquet_name = workflow
+    parquet_report = (work / "reports" / parquet_name / "diagnostic_report.md").read_text()
+    data = parquet_report.split("## Data\n", 1)[1].split("\n## ", 1)[0]
+    (ocr,) = [w for w in _ready(work, parquet_name)["data_checks"]["warnings"] if "no OCR records" in w]
+    assert f"- {ocr}" in data and "data.ocr_dir" in data
+    json_report = (work / "reports" / json_name / "diagnostic_report.md").read_text()
+    data = json_report.split("## Data\n", 1)[1].split("\n## ", 1)[0]
+    assert f"| 1 | image file missing |" in data and MISSING_IMAGE in data
+    # the warning is a finding of the data, not of the training
+    diagnosis = json.loads((work / "results" / parquet_name / "diagnosis" / "diagnosis.json").read_text())
+    assert any(f["root_cause"] == "data" for f in diagnosis["findings"])
