@@ -13,6 +13,7 @@ from typing import Any
 from tunewise.config import ConfigError, deep_merge, get_dotted, set_dotted, validate_schema, yaml11_float_hint
 from tunewise.devices import cuda_expected
 from tunewise.thresholds import unknown_thresholds
+from tunewise.train.options import check_training_options
 from tunewise.trainers import get_spec
 from tunewise.trainers.base import capability
 
@@ -243,6 +244,10 @@ def resolve_experiment(config: dict, name: str) -> dict:
     if "design" in defaults:
         resolved = deep_merge(resolved, {"design": exp["design"]})
     resolved = deep_merge(resolved, exp["baseline"])
+    try:
+        check_training_options(resolved)  # the shared optim/schedule/train/model keys, for any trainer
+    except ValueError as e:
+        raise ConfigError(f"{where}: baseline.{e}") from None
     try:
         trainer.check_config(resolved)
     except (ValueError, FileNotFoundError) as e:
