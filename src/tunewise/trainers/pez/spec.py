@@ -98,6 +98,12 @@ class PezSpec(Capabilities):
     diagnosis_thresholds = {"loss_jitter_rel": 1.0, "still_improving_frac": 0.05}
     report_sections = ("tunewise.trainers.pez.report:prompt_section",)
 
+    def metric_names(self, config: dict) -> list[str]:
+        """What a run writes (checked against metric.name at validation)."""
+        val = ["similarity", "caption_ratio", "caption_similarity", "random_similarity", "random_best_similarity",
+               "text_ratio", "text_similarity", "random_ratio", "token_recovery"]
+        return [f"val/{n}" for n in val] + [f"train/{n}" for n in ("loss", "similarity", "token_change", *val)]
+
     def preparation_steps(self, config: dict) -> dict[str, str]:
         """Without weights of its own (data.clip.checkpoint/pretrained), a run uses the embedded tiny CLIP,
         trained once per experiment on the prepared train split before any search."""
