@@ -67,3 +67,11 @@ def test_the_design_names_known_compounds_by_their_formula(finished):
     names = json.dumps(design)
     # the nearest known compounds of the designs are named by the file's formulas
     assert any(f'"{f}"' in names for f in known)
+
+
+def test_the_diagnostic_reports_data_section_shows_the_dropped_formulas(finished):
+    work, exp, table = finished
+    report = (work / "reports" / exp / "diagnostic_report.md").read_text()
+    data = report.split("## Data", 1)[1].split("\n## ", 1)[0]
+    assert "unparsable formula" in data and f"{table} column formula" in data and "Xx2O3" in data
+    assert "Magpie (132 descriptors)" in data
