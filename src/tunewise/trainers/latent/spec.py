@@ -29,6 +29,8 @@ DEFAULT_CONFIG = {
     },
     "design": DEFAULT_DESIGN,
 }
+# the target columns of the embedded transport table (matminer's mp_transport), checked without reading it
+EMBEDDED_TARGETS = ("S_p", "S_n", "sigma_p", "sigma_n", "kappa_p", "kappa_n", "PF_p", "PF_n", "m_p", "m_n")
 DESIGN_METRICS = ("design/validated_score", "design/best_score", "design/off_manifold_rate", "design/ok_rate")
 
 
@@ -76,6 +78,25 @@ class LatentSpec(Capabilities):
             latent_data.check_table_path(Path(data["path"]))
         if not data["targets"]:
             raise ValueError("data.targets: at least one target column is required")
+        if data["source"] == "embedded":
+            unknown = [t for t in data["targets"] if t not in EMBEDDED_TARGETS]
+            if unknown:
+                raise ValueError(f"data.targets: {unknown} are not columns of the embedded transport table (it has "
+                                 f"{', '.join(EMBEDDED_TARGETS)})")
+        if data.get("limit") is not None and int(data["limit"]) < 1:
+            raise ValueError(f"data.limit: must be >= 1 rows (or null for all), got {data['limit']}")
+        if float(data.get("noise") or 0.0) < 0:
+            raise ValueError(f"data.noise: must be >= 0 (the std of the input noise), got {data['noise']}")
+        weights = (config.get("loss") or {}).get("task_weights") or {}
+        if not isinstance(weights, dict):
+            raise ValueError(f"loss.task_weights: expected a mapping of target -> weight, got {weights!r}")
+        for task, weight in weights.items():
+            if task not in data["targets"]:
+                raise ValueError(f"loss.task_weights.{task}: not a target ({', '.join(data['targets'])})")
+            if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight < 0:
+                raise ValueError(f"loss.task_weights.{task}: must be a number >= 0, got {weight!r}")
+        if float((config.get("loss") or {}).get("recon_weight", 0.0)) < 0:
+            raise ValueError(f"loss.recon_weight: must be >= 0, got {config['loss']['recon_weight']}")
         latent_data.check_split({**latent_data.DEFAULT_DATA["split"], **(data.get("split") or {})})
         for key in ("epochs", "batch_size"):
             if int(config["train"][key]) < 1:
