@@ -223,6 +223,8 @@ def _prepare(folder, captions_path, files, skipped, size, settings, fp, out_dir,
         else:
             arrays[rel] = image
     dropped = _dropped(skipped, where) + _dropped(dropped_files, where)
+    if not files and not dropped:
+        raise ValueError(f"data.path: {folder} is empty; put the png/jpg/jpeg/webp images there (subfolders count)")
     if not arrays:
         raise ValueError(f"data.path: {folder} has no usable images ({len(files)} image file(s) read; dropped: "
                          f"{_summary(dropped)}); pez needs png/jpg/jpeg/webp images of at least {MIN_SIDE} px")
