@@ -59,6 +59,8 @@ class PezTrainer(PezSpec):
         (folder.prepare_folder), plus the shapes a tiny CLIP learns from when the images have no captions. A
         user's arrays folder: checked as training will read it. Each returns its `data_checks`."""
         kind = layout(data_cfg)
+        if own_clip(data_cfg):
+            self._check_own_clip(data_cfg["clip"])
         if kind == "arrays":
             return self._prepare_arrays(data_cfg)
         if kind == "embedded":
@@ -70,6 +72,21 @@ class PezTrainer(PezSpec):
             return {"source": "embedded", "n_rows": sum(counts.values()), "counts": counts,
                     "fingerprint": meta["fingerprint"], "data_checks": checks}
         return self._prepare_images(data_cfg, Path(out_dir))
+
+    @staticmethod
+    def _check_own_clip(clip: dict) -> None:
+        """The user's CLIP loads (model name known to open_clip or {model}.json beside the weights, weights that
+        fit it), here and not in the first training job."""
+        import pickle
+
+        from tunewise.trainers.pez.clip import load_clip
+
+        try:
+            load_clip(clip["model"], clip.get("pretrained"), clip.get("checkpoint"), "cpu")
+        except (RuntimeError, KeyError, OSError, EOFError, pickle.UnpicklingError) as e:  # misfit or damaged weights
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"data.clip: open_clip model {clip['model']!r} does not load from "
+                             f"{clip.get('checkpoint') or clip.get('pretrained')} ({first})") from None
 
     @staticmethod
     def _generate_shapes(data_cfg: dict, out: Path) -> dict:
