@@ -180,7 +180,8 @@ class PezTrainer(PezSpec):
         n = min(int(config["data"]["n_targets"]), len(ids))
         files_path = root / f"{split}_files.json"
         files = json.loads(files_path.read_text()) if files_path.is_file() else None
-        return (images[:n], ids[:n], captions[:n] if has_captions(config["data"]) else None,
+        captioned = shapes.read_meta(root).get("captioned", True)  # as prepared (the arrays layouts: always)
+        return (images[:n], ids[:n], captions[:n] if captioned else None,
                 [files[i] for i in ids[:n]] if files else None)
 
     # --- the CLIP -------------------------------------------------------------------------------
