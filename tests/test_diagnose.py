@@ -537,3 +537,23 @@ def test_trainer_thresholds_come_before_the_experiment_s():
 
     assert thresholds_for(T(), {"diagnose": {"thresholds": {"min_rows": 3}}}) == {"loss_jitter_rel": 1.0, "min_rows": 3}
     assert thresholds_for(object(), {"diagnose": {"thresholds": None}}) is None
+
+
+def test_data_warnings_become_a_data_finding_and_a_divergence_is_not_blamed_on_the_learning_rate():
+    from tunewise.phases.diagnose import data_findings
+    from tunewise.phases.recommend import recommend
+
+    history = pd.DataFrame({"step": [1, 2, 3], "train/loss": [1.0, 5.0, float("nan")], "val/acc": [0.5, 0.4, float("nan")]})
+    metrics = {"status": "diverged", "primary": {"best": 0.5}}
+    plain = diagnose(history, metrics, "val/acc", "max")
+    assert {f["root_cause"] for f in plain if f["id"] == "divergence"} == {"lr_too_high"}
+    assert data_findings(None, plain) == plain and data_findings({"warnings": []}, plain) == plain
+    checks = {"warnings": ["my.csv column S_p: 12 infinite values"]}
+    found = data_findings(checks, plain)
+    divergence = next(f for f in found if f["id"] == "divergence")
+    assert divergence["root_cause"] == "data" and "fix the data" in divergence["summary"]
+    warn = next(f for f in found if f["id"] == "data_warnings")
+    assert warn["root_cause"] == "data" and "12 infinite values" in warn["summary"]
+    config = {"optim": {"lr": 0.1}, "train": {"epochs": 5}}
+    recs = recommend([f for f in found if f["root_cause"] == "data"], config, {"lr": "optim.lr"})
+    assert not any(r["knob"] == "optim.lr" for r in recs)

@@ -13,6 +13,36 @@ from e2e_support import TOY, TOY_RESOURCES, mlflow_runs, snakemake
 pytestmark = pytest.mark.e2e
 
 
+# --- a failure on input is not retried ------------------------------------------------------------------------
+
+
+def test_a_job_that_fails_on_its_input_is_not_trained_again_by_snakemakes_retries(tmp_path):
+    cfg = {"experiments": {"bad": {"trainer": TOY, "resources": TOY_RESOURCES,  # resources.retries: the default, 2
+                                   "baseline": {"train": {"epochs": 3, "refuse_data_at_epoch": 2}}}}}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
+    proc = snakemake(tmp_path, "--cores", "1", "results/bad/baseline/metrics.json", configfile=tmp_path / "bad.yaml",
+                     timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert out.count("Trying to restart job") == 2  # Snakemake still starts the two retries ...
+    log = (tmp_path / "results" / "bad" / "logs" / "train_baseline.log").read_text()
+    # ... and the last one stopped at once, naming the first attempt's failure, without training
+    assert "not retried: an earlier attempt failed on its input" in log
+    assert "the data of epoch 2 are unusable (column x: 3 rows are text)" in log
+    info = json.loads((tmp_path / "results" / "bad" / "baseline" / "run.json").read_text())
+    assert info["status"] == "failed" and info["attempt"] == 1  # one start trained; the retries never began one
+    _, runs = mlflow_runs(tmp_path, "bad")
+    assert len([r for r in runs if r.data.tags.get("phase") == "baseline"]) == 1
+
+    # fixed and run again: attempt 1 of a new run tries again (and trains to the end)
+    cfg["experiments"]["bad"]["baseline"]["train"]["refuse_data_at_epoch"] = None
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
+    again = snakemake(tmp_path, "--cores", "1", "results/bad/baseline/metrics.json", configfile=tmp_path / "bad.yaml",
+                      timeout=600)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    assert json.loads((tmp_path / "results" / "bad" / "baseline" / "metrics.json").read_text())["status"] == "done"
+
+
 # --- out of memory -------------------------------------------------------------------------------------------
 
 

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from pez_images import write_image_folder
+from tunewise.config import ConfigError
 from tunewise.experiment import resolve_experiment, validate
 from tunewise.trainers.pez import folder as pfolder
 from tunewise.trainers.pez import shapes
@@ -93,9 +94,13 @@ def test_the_metric_follows_the_captions_at_resolve_time_without_torch(tmp_path)
         for name in ("with", "without")}})
     assert resolve_experiment(config, "with")["metric"]["name"] == "val/caption_ratio"
     assert resolve_experiment(config, "without")["metric"]["name"] == "val/similarity"
-    # an explicit metric.name wins, as for every trainer
+    # an explicit metric.name wins, as for every trainer; one the run would not write is refused at validation
     config["experiments"]["without"]["metric"]["name"] = "val/random_similarity"
     assert resolve_experiment(config, "without")["metric"]["name"] == "val/random_similarity"
+    config["experiments"]["without"]["metric"]["name"] = "val/caption_ratio"
+    with pytest.raises(ConfigError, match="experiments.without.metric.name: the pez trainer writes no metric "
+                                          "'val/caption_ratio'"):
+        resolve_experiment(config, "without")
 
 
 def test_tiny_clip_trains_with_a_smaller_batch_and_never_zero_steps(tmp_path):

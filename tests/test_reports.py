@@ -266,6 +266,32 @@ def test_diagnostic_report_previews_the_patch_when_no_config_file_exists(experim
     assert yaml.safe_load((reports / "optimization_config.yaml").read_text())["model"]["dropout"] == 0.35
 
 
+def _section(text: str, title: str) -> str:
+    return text.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_diagnostic_report_has_a_data_section_from_the_data_checks(experiment):
+    exp, reports = experiment["exp"], experiment["reports"]
+    path = exp / "diagnosis" / "diagnosis.json"
+    write_diagnostic_report(path, exp / "baseline", reports)
+    assert "reported no data checks" in _section((reports / "diagnostic_report.md").read_text(), "Data")
+    diag = json.loads(path.read_text())
+    diag["data_checks"] = {
+        "rows": {"read": 203, "kept": 200},
+        "dropped": [{"count": 3, "reason": "unparsable formula", "where": "my.csv column formula",
+                     "examples": ["Xx2", "??", "Q"]}],
+        "warnings": ["no OCR records: every text view is empty; set data.ocr_dir"],
+        "notes": ["featurised 200 formulas with Magpie"],
+    }
+    path.write_text(json.dumps(diag))
+    write_diagnostic_report(path, exp / "baseline", reports)
+    data = _section((reports / "diagnostic_report.md").read_text(), "Data")
+    assert "| read | 203 |" in data and "| kept | 200 |" in data
+    assert "| 3 | unparsable formula | my.csv column formula | Xx2, ??, Q |" in data
+    assert "- no OCR records: every text view is empty; set data.ocr_dir" in data
+    assert "- featurised 200 formulas with Magpie" in data
+
+
 # --- optimization results and significance ----------------------------------------------------
 
 

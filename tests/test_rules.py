@@ -29,6 +29,8 @@ def test_every_rule_declares_its_gpus():
                         "train_baseline"]
     # the block is written once: no rule repeats the keys it holds
     assert not [name for name, body in rules.items() if "gpu=gpus_for" in body]
+    # and each training job is told its attempt, so a retry of a failure on input stops at once (tunewise.retries)
+    assert not [name for name in training if "--attempt {resources.attempt}" not in rules[name]]
 
 
 def test_a_dry_run_shows_a_gpu_count_on_every_job(tmp_path):

@@ -146,7 +146,8 @@ def test_bad_config_raises_naming_the_key(tiny):
         with pytest.raises(ValueError, match=needle.replace(".", r"\.")):
             trainer.check_config(config)
     config = copy.deepcopy(tiny)
-    config["data"]["mode"] = "expand"  # expand needs one encoder per group
+    config["data"]["mode"] = "expand"  # expand needs one encoder per group: a shared one set explicitly contradicts it
+    config["model"]["shared_encoder"] = "combined"
     with pytest.raises(ValueError, match=r"model\.shared_encoder"):
         trainer.check_config(config)
     config = copy.deepcopy(tiny)

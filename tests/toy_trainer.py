@@ -12,8 +12,10 @@ DEFAULT = {
     "schedule": {"name": "none", "warmup_epochs": 0, "lr_end_factor": 0.01, "step_size": 10, "gamma": 0.1, "patience": 3},
     "train": {"epochs": 8, "batch_size": 32, "grad_clip": None, "patience": None, "min_delta": 0.0, "amp": "auto",
               # fault injection: the loss turns `nonfinite` (nan or inf) from epoch `nan_at_epoch` on; a batch
-              # larger than `oom_above_batch` runs out of memory from epoch `oom_from_epoch` on
-              "sleep": 0.0, "nan_at_epoch": None, "nonfinite": "nan", "oom_above_batch": None, "oom_from_epoch": 1},
+              # larger than `oom_above_batch` runs out of memory from epoch `oom_from_epoch` on; the trainer refuses
+              # its data (a ValueError, as a trainer does) at epoch `refuse_data_at_epoch`
+              "sleep": 0.0, "nan_at_epoch": None, "nonfinite": "nan", "oom_above_batch": None, "oom_from_epoch": 1,
+              "refuse_data_at_epoch": None},
 }
 
 
@@ -71,6 +73,8 @@ class ToyTrainer:
 
         def step(batch):
             epoch, x, y = batch
+            if epoch + 1 == config["train"].get("refuse_data_at_epoch"):
+                raise ValueError(f"toy: the data of epoch {epoch + 1} are unusable (column x: 3 rows are text)")
             if oom_above is not None and bs > oom_above and epoch + 1 >= config["train"]["oom_from_epoch"]:
                 # what torch raises when a batch does not fit on the GPU (a RuntimeError subclass)
                 raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {bs} toy samples "

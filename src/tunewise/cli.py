@@ -87,6 +87,7 @@ def cmd_diagnose(args) -> None:
 
     reports_dir = Path(args.reports_dir)
     diagnose_run(_experiment(args), args.run_dir, args.out_dir, rule=args.rule,
+                 data_ready=_exp_dir(args) / "data" / "ready.json",
                  report=lambda diagnosis, run_dir: write_diagnostic_report(diagnosis, run_dir, reports_dir))
 
 
@@ -191,6 +192,9 @@ def _gpus(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus", type=int, default=None, metavar="N",
                    help="GPUs Snakemake gave this job ({resources.gpu}): lock N free GPU slots of this host and set "
                         "CUDA_VISIBLE_DEVICES to them before torch loads (nothing for 0, or under SLURM)")
+    p.add_argument("--attempt", type=int, default=None, metavar="N",
+                   help="Snakemake's attempt number ({resources.attempt}): a retry of a job whose first attempt "
+                        "failed on its input stops at once with that message (tunewise.retries)")
 
 
 def _common(p: argparse.ArgumentParser, experiment: bool = True) -> None:
@@ -371,16 +375,32 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from tunewise.config import ConfigError
-    from tunewise.devices import GpuSlotError
+    from tunewise.devices import DeviceError, GpuSlotError
     from tunewise.runs import CheckpointError
     from tunewise.tracking import TrackingError
 
+    from tunewise.phases.train import OutOfMemory
+    from tunewise.retries import earlier_input_error, record_input_error
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    earlier = earlier_input_error(args.verb, argv, getattr(args, "attempt", None))
+    if earlier is not None:
+        print(f"tunewise {args.verb}: error: not retried: an earlier attempt failed on its input, which a retry "
+              f"cannot change (fix it and run the workflow again): {earlier}", file=sys.stderr)
+        return 2
     try:
         _claim_gpu_slots(args)
         args.func(args)
-    except (CliError, ConfigError, FileNotFoundError, GpuSlotError, TrackingError, CheckpointError) as e:
+    except (CliError, ConfigError, DeviceError, FileNotFoundError, GpuSlotError, TrackingError, CheckpointError) as e:
         print(f"tunewise {args.verb}: error: {e}", file=sys.stderr)
+        # out of memory, a busy GPU slot or tracking store: a retry may succeed; the rest fails again the same way
+        if getattr(args, "attempt", None) and not isinstance(e, (OutOfMemory, GpuSlotError, TrackingError)):
+            record_input_error(args.verb, argv, str(e))
         return 2
+    except ValueError as e:  # a trainer's refusal of its config or data (the protocol's error): the same every time
+        if getattr(args, "attempt", None):
+            record_input_error(args.verb, argv, f"{type(e).__name__}: {e}")
+        raise
     return 0
 
 

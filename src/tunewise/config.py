@@ -58,23 +58,79 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# a config is a few hundred values; anchors and aliases (`&defaults` ... `*defaults`) may repeat blocks, but a
+# file whose aliases expand past this is an alias bomb: every reader after the parser (the schema's validation,
+# Snakemake's deep copies) walks the expansion and never ends
+MAX_EXPANDED_VALUES = 100_000
+
+
+class AliasBombError(yaml.YAMLError):
+    pass
+
+
+def _expanded_size(node, memo: dict) -> int:
+    """How many values the document becomes once every alias is expanded (a node shared through an alias is
+    counted each time it is used, computed once)."""
+    key = id(node)
+    if key not in memo:
+        memo[key] = 0  # a recursive alias (a node inside itself) counts once instead of looping
+        if isinstance(node, yaml.MappingNode):
+            memo[key] = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+        elif isinstance(node, yaml.SequenceNode):
+            memo[key] = 1 + sum(_expanded_size(v, memo) for v in node.value)
+        else:
+            memo[key] = 1
+    return memo[key]
+
+
 def _safe_load_unique(stream) -> Any:
-    """yaml.safe_load with _UniqueKeyLoader (a SafeLoader: no Python objects are built from the file)."""
+    """yaml.safe_load with _UniqueKeyLoader (a SafeLoader: no Python objects are built from the file), refusing
+    a document whose aliases expand past MAX_EXPANDED_VALUES."""
     loader = _UniqueKeyLoader(stream)
     try:
-        return loader.get_single_data()
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        size = _expanded_size(node, {})
+        if size > MAX_EXPANDED_VALUES:
+            raise AliasBombError(f"its &anchors and *aliases expand to {size:,} values (a config has hundreds; the "
+                                 f"limit is {MAX_EXPANDED_VALUES:,}): an alias bomb, or aliases nested by mistake")
+        return loader.construct_document(node)
     finally:
         loader.dispose()
 
 
+def symlink_problem(path: Path) -> str:
+    """Why a path that `exists()` calls missing is missing when it is a symlink: a loop, or a dangling link."""
+    if not path.is_symlink():
+        return ""
+    try:
+        path.resolve(strict=True)
+    except RuntimeError:
+        return " (a symlink loop: it links back to itself)"
+    except OSError as e:
+        if e.errno == 40:  # ELOOP
+            return " (a symlink loop: it links back to itself)"
+    return f" (a symlink to {os.readlink(path)}, which does not exist)"
+
+
 def load_yaml(path: str | os.PathLike) -> Any:
     path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"config file not found: {path}")
+    try:
+        kind = "a directory" if path.is_dir() else None if path.exists() else "not found"
+    except OSError as e:  # a symlink loop, a path component that is a file
+        raise ConfigError(f"{path}: cannot be read as a config file: {e.strerror}") from None
+    if kind == "not found":
+        raise ConfigError(f"config file not found: {path}{symlink_problem(path)}")
+    if kind:
+        raise ConfigError(f"{path}: is a directory, not a config file (give the YAML file in it, e.g. "
+                          f"{path / 'config.yaml'})")
     try:
         with open(path, encoding="utf-8") as f:
             return _safe_load_unique(f)
-    except DuplicateKeyError as e:
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read as a config file: {e.strerror}") from None
+    except (DuplicateKeyError, AliasBombError) as e:
         raise ConfigError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e

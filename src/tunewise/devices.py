@@ -191,13 +191,21 @@ def release_gpus() -> None:
         os.environ.pop(CLAIMED_ENV)
 
 
-def resolve_device(setting: str = "auto"):
+class DeviceError(ValueError):
+    """The device a config asks for is not on this host: a setting to change, not a fault to retry."""
 
+
+def resolve_device(setting: str = "auto"):
+    """The torch device of `device:`; `cuda` where torch sees none is refused (only `auto` falls back)."""
     import torch
 
     if setting == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("device: cuda was requested but torch sees no CUDA device")
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            raise DeviceError("device: cuda, but torch sees no CUDA device on this host"
+                              + (f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else "")
+                              + f"{'' if torch.version.cuda else ' and this torch build has no CUDA'}; "
+                              "use device: auto to fall back to the CPU")
         return torch.device("cuda")
     if setting == "auto" and torch.cuda.is_available():
         return torch.device("cuda")

@@ -6,14 +6,23 @@ from __future__ import annotations
 
 import copy
 import difflib
+import fnmatch
+import math
 from typing import Any
 
-from tunewise.config import ConfigError, deep_merge, get_dotted, validate_schema, yaml11_float_hint
+from tunewise.config import ConfigError, deep_merge, get_dotted, set_dotted, validate_schema, yaml11_float_hint
+from tunewise.devices import cuda_expected
+from tunewise.thresholds import unknown_thresholds
+from tunewise.train.options import check_training_options
 from tunewise.trainers import get_spec
 from tunewise.trainers.base import capability
 
 IMPLEMENTED_STRATEGIES = {"auto", "targeted", "sweep", "iterative", "none"}
 _NUMBER = (int, float)
+# no setting of any trainer or phase is meaningful beyond this magnitude: 1e308 or 1e10 is a typo (a seed excepted)
+ABSURD = 1e9
+# a learning rate above this diverges whatever the model; at or below zero nothing trains
+MAX_LR = 10.0
 
 
 def _type_ok(default: Any, value: Any) -> bool:
@@ -83,6 +92,116 @@ def _check_sweep_space(exp: dict, trainer: Any, resolved: dict, where: str) -> N
             ) from None
 
 
+def _check_numbers(value: Any, where: str) -> None:
+    """NaN, infinities and absurd magnitudes anywhere in an experiment's settings, the key named: YAML reads
+    `.nan`, `.inf` and `1e308` as numbers, and a schema's `minimum` lets NaN through (NaN < x is false)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_numbers(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_numbers(item, f"{where}[{i}]")
+    elif isinstance(value, _NUMBER) and not isinstance(value, bool):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{where}: {value} is not a finite number")
+        if abs(value) > ABSURD and "seed" not in where.rsplit(".", 1)[-1]:
+            raise ConfigError(f"{where}: {value:g} is far beyond any sensible setting (|value| > {ABSURD:g}); a typo?")
+
+
+def _check_learning_rates(resolved: dict, where: str) -> None:
+    for key in _leaf_keys(resolved):
+        value = get_dotted(resolved, key)
+        if key.rsplit(".", 1)[-1] == "lr" and isinstance(value, _NUMBER) and not isinstance(value, bool):
+            if not 0 < value <= MAX_LR:
+                raise ConfigError(f"{where}.{key}: a learning rate must be in (0, {MAX_LR:g}], got {value:g}")
+
+
+def _check_overrides(exp: dict, trainer: Any, resolved: dict, where: str) -> None:
+    """optimize.overrides is applied after the diagnosis: a key the trainer does not have, a value of the wrong
+    type or one its checks refuse would fail there, after the baseline trained."""
+    overrides = exp["optimize"].get("overrides") or {}
+    if not overrides:
+        return
+    open_keys = getattr(trainer, "open_config_keys", set())
+    patched = copy.deepcopy(resolved)
+    for key, value in overrides.items():
+        at = f"{where}.optimize.overrides.{key}"
+        if not any(key == k or key.startswith(k + ".") for k in open_keys):
+            try:
+                old = get_dotted(resolved, key)
+            except KeyError:
+                close = difflib.get_close_matches(key, _leaf_keys(resolved), n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise ConfigError(f"{at}: not a key of the {exp['trainer']} trainer's config ({hint}overrides are "
+                                  f"dotted config keys such as optim.lr)") from None
+            if isinstance(old, dict) and not isinstance(value, dict):
+                raise ConfigError(f"{at}: {key} is a block of settings ({', '.join(sorted(old))}); name one of them")
+            if not _type_ok(old, value):
+                expected = "number" if isinstance(old, float) else type(old).__name__
+                raise ConfigError(f"{at}: expected {expected}, got {type(value).__name__} {value!r}"
+                                  f"{yaml11_float_hint(value)}")
+        set_dotted(patched, key, value)
+    _check_learning_rates(patched, f"{where}.optimize.overrides")
+    try:
+        trainer.check_config(patched)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"{where}.optimize.overrides: the config they make cannot run: {e}") from None
+
+
+def _check_grid(exp: dict, trainer: Any, where: str) -> None:
+    """A grid sampler runs out of points: trials beyond the grid's size would repeat points or fail."""
+    sweep = exp["optimize"]["sweep"]
+    if sweep["sampler"] != "grid":
+        return
+    from tunewise.space import SweepError, grid, grid_size, resolve_space
+
+    try:
+        space = resolve_space(trainer.search_space(), sweep["space"] or {})
+    except SweepError:
+        return  # _check_sweep_space names the problem when the sweep is asked for
+    size = grid_size(space, int(sweep["grid_points"]))
+    if sweep["n_trials"] > size:
+        per = ", ".join(f"{k}: {len(v)}" for k, v in grid(space, int(sweep["grid_points"])).items())
+        raise ConfigError(f"{where}.optimize.sweep.n_trials: {sweep['n_trials']} trials, but the grid has only {size} "
+                          f"points ({per}); set n_trials: {size}, or raise sweep.grid_points")
+
+
+def _check_metric(exp: dict, trainer: Any, resolved: dict, where: str) -> None:
+    """The metric the runs are selected on must be one the trainer writes, or every run fails after its first
+    epoch. A trainer lists them (patterns allowed) in `metric_names(config)`; None: not checked."""
+    name = (exp.get("metric") or {}).get("name")
+    if not name:
+        return
+    known = capability(trainer, "metric_names")(resolved)
+    if known is None or any(fnmatch.fnmatchcase(name, pattern) for pattern in known):
+        return
+    close = difflib.get_close_matches(name, [k for k in known if "*" not in k], n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise ConfigError(f"{where}.metric.name: the {exp['trainer']} trainer writes no metric {name!r} ({hint}it "
+                      f"writes: {', '.join(known)})")
+
+
+def _check_thresholds(exp: dict, trainer: Any, where: str) -> None:
+    from tunewise.thresholds import DEFAULT_THRESHOLDS
+
+    own = capability(trainer, "diagnosis_thresholds")
+    given = (exp.get("diagnose") or {}).get("thresholds") or {}
+    for key in unknown_thresholds(given, own):
+        close = difflib.get_close_matches(key, [*DEFAULT_THRESHOLDS, *own], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{where}.diagnose.thresholds.{key}: not a diagnosis threshold{hint}; known: "
+                          f"{', '.join(sorted({*DEFAULT_THRESHOLDS, *own}))}")
+
+
+def _check_device(exp: dict, where: str, request_gpus: str) -> None:
+    """`device: cuda` on a host without an NVIDIA GPU fails in every training job; `auto` falls back to the CPU.
+    A cluster's login node has no GPU where its compute nodes do: `request_gpus: always` says so."""
+    if exp["device"] == "cuda" and request_gpus != "always" and not cuda_expected():
+        raise ConfigError(f"{where}.device: cuda, but this host has no NVIDIA GPU (no driver, or "
+                          "CUDA_VISIBLE_DEVICES hides them); use device: auto to fall back to the CPU, or, when the "
+                          "jobs run on a cluster's GPU nodes, set request_gpus: always")
+
+
 def _leaf_keys(config: dict, prefix: str = "") -> list[str]:
     out = []
     for key, value in config.items():
@@ -97,6 +216,8 @@ def resolve_experiment(config: dict, name: str) -> dict:
     The result is what every CLI verb reads (results/<exp>/experiment.yaml)."""
     exp = copy.deepcopy(config["experiments"][name])
     where = f"experiments.{name}"
+    _check_numbers(exp, where)
+    _check_device(exp, where, config.get("request_gpus", "auto"))
     if exp["optimize"]["strategy"] not in IMPLEMENTED_STRATEGIES:
         raise ConfigError(
             f"{where}.optimize.strategy: {exp['optimize']['strategy']!r} is not available in this version "
@@ -124,10 +245,19 @@ def resolve_experiment(config: dict, name: str) -> dict:
         resolved = deep_merge(resolved, {"design": exp["design"]})
     resolved = deep_merge(resolved, exp["baseline"])
     try:
+        check_training_options(resolved)  # the shared optim/schedule/train/model keys, for any trainer
+    except ValueError as e:
+        raise ConfigError(f"{where}: baseline.{e}") from None
+    try:
         trainer.check_config(resolved)
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(f"{where}: {e}") from None
+    _check_learning_rates(resolved, f"{where}.baseline")
     _check_sweep_space(exp, trainer, resolved, where)
+    _check_grid(exp, trainer, where)
+    _check_overrides(exp, trainer, resolved, where)
+    _check_metric(exp, trainer, resolved, where)
+    _check_thresholds(exp, trainer, where)
     seeds = exp["significance"]["seeds"]
     exp["significance"]["seeds"] = list(range(seeds)) if isinstance(seeds, int) else seeds
     exp["metric"] = {

@@ -45,3 +45,30 @@ def _check_param(key: str, spec: dict) -> None:
         raise SweepError(f"{where}: a log-scaled parameter needs low > 0, got {spec['low']}")
     if spec.get("log") and spec.get("step"):
         raise SweepError(f"{where}: `step` and `log` cannot be combined (Optuna)")
+
+
+def grid(space: dict, points: int) -> dict:
+    """Grid values per parameter: the choices of a categorical, `points` values spanning a numeric range
+    (evenly in log space for a log parameter)."""
+    import numpy as np
+
+    out = {}
+    for key, spec in space.items():
+        if spec["type"] == "categorical":
+            out[key] = list(spec["choices"])
+            continue
+        low, high = float(spec["low"]), float(spec["high"])
+        values = np.geomspace(low, high, points) if spec.get("log") else np.linspace(low, high, points)
+        step = spec.get("step") or (1 if spec["type"] == "int" else None)
+        if step:  # a grid point off the parameter's step would be rejected by suggest_*
+            values = [min(high, low + round((v - low) / step) * step) for v in values]
+        cast = int if spec["type"] == "int" else float
+        out[key] = sorted({cast(v) for v in values})
+    return out
+
+
+def grid_size(space: dict, points: int) -> int:
+    """How many distinct points the grid sampler can try: the product of the values per parameter."""
+    import math
+
+    return math.prod(len(v) for v in grid(space, points).values())

@@ -17,4 +17,4 @@ rule train_baseline:
         **TRAINING_RESOURCES,
     shell:
         "tunewise train --experiment-file {input.exp:q} --run-dir {params.run_dir:q} --phase baseline"
-        " --threads {threads} --gpus {resources.gpu} --rule train_baseline > {log:q} 2>&1"
+        " --threads {threads} --gpus {resources.gpu} --attempt {resources.attempt} --rule train_baseline > {log:q} 2>&1"

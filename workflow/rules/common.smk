@@ -104,6 +104,9 @@ TRAINING_RESOURCES = dict(
     cpus_per_gpu=cpus_per_gpu_for,
     mem_mb=mem_for,
     runtime=runtime_for,
+    # Snakemake's attempt number, for the job itself: a retry of a job that failed on its input stops at once
+    # (tunewise.retries), since only out of memory and transient faults are worth training again
+    attempt=lambda wildcards, attempt: attempt,
 )
 
 

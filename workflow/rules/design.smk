@@ -38,4 +38,4 @@ rule design:
         **TRAINING_RESOURCES,
     shell:
         "tunewise design --experiment-file {input.exp:q} --final {input.final:q} --out-dir {params.out_dir:q}"
-        " --reports-dir {params.reports:q} --threads {threads} --gpus {resources.gpu} --rule design > {log:q} 2>&1"
+        " --reports-dir {params.reports:q} --threads {threads} --gpus {resources.gpu} --attempt {resources.attempt} --rule design > {log:q} 2>&1"

@@ -2,6 +2,8 @@ checkpoint diagnose:
     input:
         exp="results/{exp}/experiment.yaml",
         baseline="results/{exp}/baseline/metrics.json",
+        # the data checks of preparation: the report's Data section, and a divergence read as a data problem
+        ready="results/{exp}/data/ready.json",
     output:
         diagnosis="results/{exp}/diagnosis/diagnosis.json",
         config="results/{exp}/diagnosis/optimization_config.yaml",

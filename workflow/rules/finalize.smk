@@ -33,5 +33,5 @@ rule finalize:
     shell:
         "tunewise finalize --experiment-file {input.exp:q} --decision {input.decision:q}"
         " --baseline-config {params.baseline_config:q} --optimized-config {input.optimized_config:q}"
-        " --out-dir {params.out_dir:q} --reports-dir {params.reports:q} --threads {threads} --gpus {resources.gpu}"
+        " --out-dir {params.out_dir:q} --reports-dir {params.reports:q} --threads {threads} --gpus {resources.gpu} --attempt {resources.attempt}"
         " --rule finalize > {log:q} 2>&1"

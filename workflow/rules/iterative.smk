@@ -25,7 +25,7 @@ rule iterate:
         **TRAINING_RESOURCES,
     shell:
         "tunewise iterate --experiment-file {input.exp:q} --round {wildcards.round} --out {output:q}"
-        " --threads {threads} --gpus {resources.gpu} --rule iterate > {log:q} 2>&1"
+        " --threads {threads} --gpus {resources.gpu} --attempt {resources.attempt} --rule iterate > {log:q} 2>&1"
 
 
 rule iterate_summary:

@@ -19,5 +19,5 @@ rule optimize_targeted:
         **TRAINING_RESOURCES,
     shell:
         "tunewise train --experiment-file {input.exp:q} --config-file {input.config:q}"
-        " --run-dir {params.run_dir:q} --phase optimize --threads {threads} --gpus {resources.gpu}"
+        " --run-dir {params.run_dir:q} --phase optimize --threads {threads} --gpus {resources.gpu} --attempt {resources.attempt}"
         " --rule optimize_targeted > {log:q} 2>&1"

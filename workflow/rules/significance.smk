@@ -22,7 +22,7 @@ rule seed_run:
     shell:
         "tunewise train --experiment-file {input.exp:q} --config-file={input.config:q} --run-dir {params.run_dir:q}"
         " --reuse-from={input.reuse:q} --phase seed --side {wildcards.side} --seed {wildcards.seed}"
-        " --threads {threads} --gpus {resources.gpu} --rule seed_run > {log:q} 2>&1"
+        " --threads {threads} --gpus {resources.gpu} --attempt {resources.attempt} --rule seed_run > {log:q} 2>&1"
 
 
 rule significance:

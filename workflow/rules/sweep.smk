@@ -19,7 +19,7 @@ rule sweep_trial:
         **TRAINING_RESOURCES,
     shell:
         "tunewise sweep-trial --experiment-file {input.exp:q} --slot {wildcards.trial} --out {output:q}"
-        " --threads {threads} --gpus {resources.gpu} --rule sweep_trial > {log:q} 2>&1"
+        " --threads {threads} --gpus {resources.gpu} --attempt {resources.attempt} --rule sweep_trial > {log:q} 2>&1"
 
 
 checkpoint select_best:

@@ -15,65 +15,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-ROOT_CAUSES = ("lr_too_high", "overfitting", "underfitting", "lr_too_low", "early_plateau", "noisy", "resources",
+from tunewise.thresholds import DEFAULT_THRESHOLDS
+
+ROOT_CAUSES = ("data", "lr_too_high", "overfitting", "underfitting", "lr_too_low", "early_plateau", "noisy", "resources",
                "unknown")
 SEVERITY_ORDER = {"high": 0, "medium": 1, "low": 2}
 # findings that do not call for a config change of the model/optimiser: they never justify optimizing
-NON_ACTIONABLE = frozenset({"resources", "unknown"})
-
-DEFAULT_THRESHOLDS: dict = {
-    # fewer history rows than this: the curve rules cannot tell trend from noise
-    "min_rows": 4,
-    # rising training loss: final loss above min + rising_frac * (max - min) of the training loss ...
-    "rising_frac": 0.25,
-    # ... and the least-squares slope over this trailing share of steps is positive
-    "tail_frac": 0.25,
-    # oscillating training loss: std of first differences over the second half of training, relative to the
-    # loss range (max - min) ...
-    "loss_jitter_rel": 0.1,
-    # ... and relative to the loss level there (median |loss|), so a flat curve with float jitter is not flagged
-    "loss_jitter_level": 0.05,
-    # noisy validation: std of first differences of the primary metric over the second half, relative to the
-    # primary metric's range (a per-epoch noise of ~10% of the achieved improvement)
-    "val_jitter_rel": 0.15,
-    # ... and when the training counterpart evaluated at the same epochs jumps too (std of its first differences
-    # over the second half above this share of its range), the weights themselves move too far per epoch: the
-    # learning rate is too high rather than the validation set too small. Measured on real runs of the
-    # built-in regression trainer (bench `trust`): trainer-default LR 0.1-0.5% of the range, 10x that LR 1.5-9.5%.
-    "train_jitter_rel": 0.01,
-    # update-to-weight ratio |delta theta| / |theta| per optimizer step (the loop's `update_ratio`, median over
-    # sampled steps of each epoch): CS231n's rule of thumb puts a healthy step near 1e-3; a median over the
-    # epochs above this means each step rewrites too much of the weights, the learning rate is too high
-    "update_ratio_high": 1e-2,
-    # gradient clipping: mean share of clipped steps above this means the LR is too high (methods.md: >50%)
-    "clip_frac": 0.5,
-    # generalisation gap at the end counts as large above max(gap_abs, gap_rel * max(|train end|, |val end|))
-    "gap_rel": 0.1,
-    "gap_abs": 0.0,
-    # validation worsening after its best step: primary (or val loss) at the end worse than its best by more
-    # than worsen_rel of its range
-    "worsen_rel": 0.1,
-    # rows averaged for "the value at the end", so one noisy epoch does not decide a rule
-    "end_rows": 3,
-    # flat: the running best improved over the trailing tail_frac by less than flat_frac of its total improvement
-    "flat_frac": 0.1,
-    # underfitting: the training primary metric must reach this to count as good (None: see bounded_good_enough)
-    "good_enough": None,
-    # without good_enough: bounded metrics (r2, accuracy, similarity; direction max) are poor below this
-    "bounded_good_enough": 0.9,
-    # underfitting also tolerates a gap up to this share of the training metric's shortfall from good_enough:
-    # train 0.42 / val 0.36 against 0.9 is a bias problem even though the gap exceeds the overfitting threshold
-    "underfit_gap_share": 0.5,
-    # still improving: best step in the trailing tail_frac and the running best gained more than this share
-    # of its total improvement there
-    "still_improving_frac": 0.1,
-    # saturated early: best step within this leading share of steps ...
-    "early_frac": 0.1,
-    # ... judged only for runs at least this long (in 5 epochs, step 1 is not "early" in any useful sense)
-    "early_min_rows": 10,
-    # input-pipeline bound: mean share of epoch time spent waiting for batches above this
-    "data_frac": 0.3,
-}
+NON_ACTIONABLE = frozenset({"resources", "unknown", "data"})
 
 _BOUNDED_METRIC = re.compile(r"(^|[_\-/])(r2|acc|accuracy|sim|similarity)([_\-]|$)")
 
@@ -537,14 +485,14 @@ def choose_strategy(requested: str, findings: list[dict], baseline_value: float 
 # --- the phase: a run's diagnosis, its recommendations and the patched config ---------------------------------
 
 
-def plan(exp: dict, run_dir: str | Path) -> dict:
+def plan(exp: dict, run_dir: str | Path, data_ready: Path | None = None) -> dict:
     """Diagnose -> recommend -> patch for the run in `run_dir` (the baseline, or an iterative round's run):
     {findings, recommendations, patch, changes, config, metrics}. The experiment's `optimize.overrides` are
     forced into the patch (after the recommendations) wherever they change the value the config would have, so
     the Phase 3 diagnosis and every iterative round apply them alike."""
     from tunewise.config import get_dotted
     from tunewise.phases.recommend import recommend, to_patch
-    from tunewise.runs import RunDir
+    from tunewise.runs import RunDir, read_json_if_exists
     from tunewise.trainers import get_spec
     from tunewise.trainers.base import capability
 
@@ -552,6 +500,8 @@ def plan(exp: dict, run_dir: str | Path) -> dict:
     metric = exp["metric"]
     history, metrics = load_run(run_dir)
     findings = trainer_findings(trainer, history, metrics, metric, thresholds_for(trainer, exp) or {})
+    data_checks = ((read_json_if_exists(data_ready) or {}).get("data_checks") if data_ready else None)
+    findings = data_findings(data_checks, findings)
     config = RunDir(run_dir).config()
     recs = recommend(findings, config, trainer.knobs, capability(trainer, "recommendation_patterns")())
     patch, changes = to_patch(recs, config, trainer.knobs, top_n=exp["optimize"]["max_recommendations"])
@@ -564,7 +514,7 @@ def plan(exp: dict, run_dir: str | Path) -> dict:
                         "risk": "unknown", "effort": "low"})
         patch[key] = value
     return {"findings": findings, "recommendations": recs, "patch": patch, "changes": changes, "config": config,
-            "metrics": metrics}
+            "metrics": metrics, "data_checks": data_checks}
 
 
 def _strategy(exp: dict, findings: list[dict], best: float | None, patch: dict) -> dict:
@@ -577,10 +527,31 @@ def _strategy(exp: dict, findings: list[dict], best: float | None, patch: dict) 
     return strategy
 
 
-def diagnose_run(exp: dict, run_dir: str | Path, out_dir: str | Path, *, report=None, rule: str | None = None) -> dict:
+def data_findings(data_checks: dict | None, findings: list[dict]) -> list[dict]:
+    """What the data checks at preparation doubted (`data_checks.warnings` in ready.json), as findings of root
+    cause `data`: no config change answers them, so no recommendation follows. A run that diverged while the
+    checks doubted its data is a data problem first: its divergence is not read as a learning rate too high."""
+    warnings = list((data_checks or {}).get("warnings") or [])
+    if not warnings:
+        return findings
+    out = []
+    for f in findings:
+        if f["id"] == "divergence":
+            f = {**f, "root_cause": "data", "summary": f"{f['summary']} The data checks doubted the data (see the "
+                 "Data section): fix the data before reading this as a learning rate too high."}
+        out.append(f)
+    out.append(_finding("data_warnings", "data", "medium",
+                        f"The data checks at preparation raised {len(warnings)} warning(s): {warnings[0]}"
+                        + (" (and more in the Data section)" if len(warnings) > 1 else ""),
+                        {"warnings": len(warnings)}))
+    return _sorted(out)
+
+
+def diagnose_run(exp: dict, run_dir: str | Path, out_dir: str | Path, *, report=None, rule: str | None = None,
+                 data_ready: Path | None = None) -> dict:
     """Phase 3 of a finished run: diagnosis.json and optimization_config.yaml in `out_dir`, the reports that
     `report(diagnosis_json, run_dir)` writes (it returns their paths), one MLflow `diagnose` run. Returns the
-    diagnosis."""
+    diagnosis. `data_ready` (the experiment's ready.json) brings the data checks into the diagnosis."""
     from tunewise.phases import tracked
     from tunewise.phases.recommend import apply_patch
     from tunewise.config import commented_config
@@ -588,8 +559,9 @@ def diagnose_run(exp: dict, run_dir: str | Path, out_dir: str | Path, *, report=
 
     run = RunDir(run_dir)
     run.require_finished()
-    p = plan(exp, run.path)
+    p = plan(exp, run.path, data_ready)
     findings, patch, metrics = p["findings"], p["patch"], p["metrics"]
+    data_checks = p["data_checks"]
     best = metrics["primary"]["best"]
     strategy = _strategy(exp, findings, best, patch)
     out = Path(out_dir)
@@ -600,7 +572,7 @@ def diagnose_run(exp: dict, run_dir: str | Path, out_dir: str | Path, *, report=
                      "final": metrics["primary"].get("final"), "best_step": metrics.get("best_step"),
                      "epochs_run": metrics.get("epochs_run")},
         "findings": findings, "recommendations": p["recommendations"], "changes": p["changes"], "patch": patch,
-        "strategy": strategy,
+        "strategy": strategy, "data_checks": data_checks,
     }
     write_json(out / "diagnosis.json", diagnosis)
     reports = report(out / "diagnosis.json", run.path) if report else []

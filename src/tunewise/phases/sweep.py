@@ -24,7 +24,7 @@ INTERRUPTED = "interrupted"
 FINAL_FAILURES = ("diverged",)
 
 
-from tunewise.space import SweepError, resolve_space  # noqa: E402,F401  (re-exported: sweep.py was their home)
+from tunewise.space import SweepError, grid, resolve_space  # noqa: E402,F401  (re-exported: sweep.py was their home)
 
 
 # --- search space ---------------------------------------------------------------------------
@@ -43,26 +43,6 @@ def suggest(trial: optuna.Trial, space: dict) -> dict:
             params[key] = trial.suggest_float(key, float(spec["low"]), float(spec["high"]), log=bool(spec.get("log")),
                                               step=spec.get("step") or None)
     return params
-
-
-def grid(space: dict, points: int) -> dict:
-    """Grid values per parameter: the choices of a categorical, `points` values spanning a numeric range
-    (evenly in log space for a log parameter)."""
-    import numpy as np
-
-    out = {}
-    for key, spec in space.items():
-        if spec["type"] == "categorical":
-            out[key] = list(spec["choices"])
-            continue
-        low, high = float(spec["low"]), float(spec["high"])
-        values = np.geomspace(low, high, points) if spec.get("log") else np.linspace(low, high, points)
-        step = spec.get("step") or (1 if spec["type"] == "int" else None)
-        if step:  # a grid point off the parameter's step would be rejected by suggest_*
-            values = [min(high, low + round((v - low) / step) * step) for v in values]
-        cast = int if spec["type"] == "int" else float
-        out[key] = sorted({cast(v) for v in values})
-    return out
 
 
 # --- study ----------------------------------------------------------------------------------

@@ -137,6 +137,17 @@ def _config_preview(baseline_run_dir: Path, diagnosis_path: Path, diag: dict) ->
     return "".join(line if line.endswith("\n") else line + "\n" for line in diff), opt_text
 
 
+def _data_checks(checks: dict | None) -> dict | None:
+    """The Data section: what the data checks at preparation counted, dropped and doubted (ready.json's
+    data_checks, carried into diagnosis.json); None for a trainer that reports none."""
+    if not checks:
+        return None
+    dropped = [{"count": d.get("count"), "reason": d.get("reason") or "", "where": d.get("where") or "",
+                "examples": ", ".join(str(e) for e in (d.get("examples") or [])[:5])} for d in checks.get("dropped") or []]
+    return {"rows": list((checks.get("rows") or {}).items()), "dropped": dropped,
+            "warnings": list(checks.get("warnings") or []), "notes": list(checks.get("notes") or [])}
+
+
 def write_diagnostic_report(diagnosis_path: Path, baseline_run_dir: Path, reports_dir: Path) -> list[Path]:
     from tunewise.reports.plots import plot_curves
 
@@ -180,7 +191,7 @@ def write_diagnostic_report(diagnosis_path: Path, baseline_run_dir: Path, report
         run_dir=str(baseline_run_dir), summary=summary, findings=findings, recommendations=recommendations,
         changes=_changes(diag), patch=list((diag.get("patch") or {}).items()),
         strategy={k: strategy.get(k) for k in ("requested", "chosen", "reason")},
-        diff=diff, config_link=config_link, plot=link(plot, report),
+        diff=diff, config_link=config_link, plot=link(plot, report), data=_data_checks(diag.get("data_checks")),
     )
     atomic_write_text(report, text)
     return [report, *written]

@@ -87,6 +87,9 @@ class Capabilities:
     - `report_sections`: "module:function" names of report sections; each report writer calls every one
       with a `tunewise.reports.sections.SectionContext` and places what it returns (markdown and the files
       it wrote) after its own tables. Named, not imported, so a trainer never imports the report layer.
+    - `metric_names(config)`: the metric names a run with this config writes (fnmatch patterns allowed, e.g.
+      "val/acc/*" where names come from the data), so a typo in `metric.name` is refused at validation instead
+      of failing the first epoch; None (the default): not checked.
     - a `design` block in `default_config()` gives the trainer a design phase (`design(...)` then trains it).
     - `primary_metric_for(config)`: the primary metric for this resolved config, when it depends on the data
       (pez: the caption ratio needs captions); an experiment's `metric.name` defaults to it at resolve time, so
@@ -101,6 +104,9 @@ class Capabilities:
 
     def recommendation_patterns(self) -> dict:
         return {}
+
+    def metric_names(self, config: dict) -> list[str] | None:
+        return None
 
     def preparation_steps(self, config: dict) -> dict[str, str]:
         return {}

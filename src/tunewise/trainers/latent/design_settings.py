@@ -75,6 +75,9 @@ def check_design_config(cfg: dict, targets: Sequence[str]) -> None:
         unknown = set(c) - {"task", "max", "min"}
         if unknown or (c.get("max") is None and c.get("min") is None):
             raise ValueError(f"{where}.constraints[{i}]: give max and/or min (physical units), got {c!r}")
+        if c.get("min") is not None and c.get("max") is not None and c["min"] > c["max"]:
+            raise ValueError(f"{where}.constraints[{i}]: min {c['min']} is above max {c['max']}: no design can meet it")
+    _check_feasible(cfg, where)
     if cfg["init"] not in INITS:
         raise ValueError(f"{where}.init: expected one of {', '.join(INITS)}, got {cfg['init']!r}")
     if cfg["init"] == "input" and not cfg["initial_input"]:
@@ -97,3 +100,29 @@ def check_design_config(cfg: dict, targets: Sequence[str]) -> None:
         raise ValueError(f"{where}.trust_radius: must be > 0 or null, got {cfg['trust_radius']}")
     if any(float(a) < 0 for a in cfg["alpha_study"] or []):
         raise ValueError(f"{where}.alpha_study: alphas must be >= 0, got {cfg['alpha_study']}")
+
+
+def _check_feasible(cfg: dict, where: str) -> None:
+    """Objectives that no design can meet together with the constraints: a target value outside a constraint on
+    the same task, or a task both maximised and minimised."""
+    bounds: dict = {}
+    for c in cfg["constraints"] or []:
+        low, high = bounds.get(c["task"], (float("-inf"), float("inf")))
+        bounds[c["task"]] = (max(low, c["min"]) if c.get("min") is not None else low,
+                             min(high, c["max"]) if c.get("max") is not None else high)
+    for task, (low, high) in bounds.items():
+        if low > high:
+            raise ValueError(f"{where}.constraints: the constraints on {task} leave nothing between min {low} and max {high}")
+    modes: dict = {}
+    for i, o in enumerate(cfg["objectives"]):
+        mode = o.get("mode", "max")
+        modes.setdefault(o["task"], set()).add(mode)
+        if mode == "target" and o["task"] in bounds:
+            low, high = bounds[o["task"]]
+            if not low <= o["target"] <= high:
+                raise ValueError(f"{where}.objectives[{i}].target: {o['target']} lies outside the constraints on "
+                                 f"{o['task']} (min {low}, max {high}): no design can meet both")
+    for task, seen in modes.items():
+        if {"max", "min"} <= seen:
+            raise ValueError(f"{where}.objectives: {task} is both maximised and minimised; keep one objective per task")
+

@@ -61,6 +61,13 @@ class LatentSpec(Capabilities):
     def default_config(self) -> dict:
         return copy.deepcopy(DEFAULT_CONFIG)
 
+    def metric_names(self, config: dict) -> list[str]:
+        """What a run writes (checked against metric.name at validation): per split the losses, R^2 and MAE
+        per target and their means; the design's metrics when it is tuned."""
+        per_split = ["loss", "recon_mse", "r2_mean", "mae_mean",
+                     *(f"{m}/{t}" for t in config["data"]["targets"] for m in ("r2", "mae"))]
+        return [f"{split}/{name}" for split in ("val", "train") for name in per_split] + list(DESIGN_METRICS)
+
     def check_config(self, config: dict) -> None:
         data = config["data"]
         check_data_source(data)

@@ -149,6 +149,15 @@ class PezSpec(Capabilities):
         similarity to their image (an experiment's metric.name defaults to this at resolve time)."""
         return CAPTION_METRIC if has_captions(config["data"]) else SIMILARITY_METRIC
 
+    def metric_names(self, config: dict) -> list[str]:
+        """What a run's history rows hold (checked against metric.name at validation): the caption measures only
+        where the images have captions."""
+        val = ["similarity", "random_similarity", "random_best_similarity"]
+        if has_captions(config["data"]):
+            val += ["caption_ratio", "caption_similarity"]
+        return [f"val/{n}" for n in val] + ["train/loss", "train/similarity", "train/token_change"]
+
+
     def preparation_steps(self, config: dict) -> dict[str, str]:
         """Without weights of its own (data.clip.checkpoint/pretrained), a run uses the embedded tiny CLIP,
         trained once per experiment before any search: on the captioned images, or on the generated shapes."""

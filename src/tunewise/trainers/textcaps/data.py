@@ -71,28 +71,25 @@ from tunewise.trainers.textcaps.data_config import (  # noqa: F401  (re-exported
     CLASSES,
     DEFAULT_GENERATOR,
     DEFAULT_LOADER,
+    MIN_IMAGE_SIDE,
     MODES,
     N_CLASSES,
+    SPLITS,
     TEXT_SOURCES,
     VOCAB_SIZE,
+    annotation_name,
+    detect_layout,
+    ocr_name,
+    parquet_files,
     resolve_generator_config,
     resolve_loader_config,
 )
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 META = "meta.json"
 # bump when the generated files change for the same config, so cached datasets are rebuilt
 GENERATOR_FORMAT = 1
-
-
-def annotation_name(split: str) -> str:
-    return f"TextCaps_0.1_{split}.json"
-
-
-def ocr_name(split: str) -> str:
-    return f"TextVQA_Rosetta_OCR_v0.2_{split}.json"
 
 
 # --- the synthetic world ------------------------------------------------------------------------
@@ -434,7 +431,12 @@ def _new_summary(split: str, source: str, file: str) -> dict:
         "malformed": 0,
         "missing_image": 0,
         "unreadable_image": 0,
-        "missing_ocr": 0,
+        "degenerate_image": 0,  # smaller than MIN_IMAGE_SIDE on a side (1x1 placeholders, tracking pixels)
+        "missing_ocr": 0,  # kept images without an OCR record
+        "ocr_file": None,  # the OCR file read; None when there is none
+        "ocr_records": 0,
+        "ocr_unmatched": 0,  # OCR records whose image_id is no image of the split
+        "no_caption": 0,  # kept images without a caption
         "examples": {},  # a few ids/paths per problem, for the log and the report
     }
 
@@ -498,25 +500,29 @@ def read_ocr(path: Path) -> dict[str, list[str]]:
     return out
 
 
-def _parquet_files(root: Path, split: str) -> list[Path]:
-    # lmms-lab/TextCaps: data/{split}-0000k-of-0000n.parquet; the hub's converted copy:
-    # default/{split}/0000.parquet; or one {split}.parquet
-    found = set(root.glob(f"**/{split}-*.parquet")) | set(root.glob(f"**/{split}.parquet"))
-    found |= set(root.glob(f"**/{split}/*.parquet"))
-    return sorted(found)
-
-
 def _detect_format(root: Path, split: str, cfg: dict) -> str:
-    if cfg["format"] != "auto":
-        return cfg["format"]
-    if (root / annotation_name(split)).exists():
-        return "json"
-    if _parquet_files(root, split):
-        return "parquet"
-    raise FileNotFoundError(
-        f"data.path: {root} has neither {annotation_name(split)} nor {split}-*.parquet (TextCaps JSON or the "
-        "Hugging Face parquet layout)"
-    )
+    return detect_layout(root, split, cfg["format"])
+
+
+def _parquet(path: Path):
+    """pyarrow's ParquetFile, its errors named with the file (pyarrow's own say only 'Parquet magic bytes not
+    found in footer')."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise ValueError(f"{path}: not a readable parquet file ({e}); download it again") from None
+
+
+def _parquet_batches(pf, path: Path, columns: list[str], batch_size: int = 256):
+    import pyarrow as pa
+
+    try:
+        yield from pf.iter_batches(columns=columns, batch_size=batch_size)
+    except (pa.ArrowException, OSError) as e:  # a file cut short passes the footer check and fails in a page
+        raise ValueError(f"{path}: parquet file cannot be read to the end ({e}); download it again") from None
 
 
 def _label_counts_json(path: Path) -> dict[str, int]:
@@ -534,15 +540,18 @@ def _label_counts_json(path: Path) -> dict[str, int]:
 
 
 def _label_counts_parquet(files: list[Path]) -> dict[str, int]:
-    import pyarrow.parquet as pq
-
     seen: dict[str, str] = {}
     for f in files:
-        table = pq.read_table(f, columns=["image_id", "image_classes"])
-        for image_id, classes in zip(table.column("image_id").to_pylist(), table.column("image_classes").to_pylist()):
-            name = _first_class({"image_classes": classes})
-            if isinstance(image_id, str) and name and image_id not in seen:
-                seen[image_id] = name
+        pf = _parquet(f)
+        missing = {"image_id", "image_classes"} - set(pf.schema_arrow.names)
+        if missing:
+            raise ValueError(f"{f}: parquet lacks column(s) {sorted(missing)} (has {sorted(pf.schema_arrow.names)})")
+        for batch in _parquet_batches(pf, f, ["image_id", "image_classes"], 4096):
+            ids, labels = batch.column("image_id").to_pylist(), batch.column("image_classes").to_pylist()
+            for image_id, classes in zip(ids, labels):
+                name = _first_class({"image_classes": classes})
+                if isinstance(image_id, str) and name and image_id not in seen:
+                    seen[image_id] = name
     counts: dict[str, int] = {}
     for name in seen.values():
         counts[name] = counts.get(name, 0) + 1
@@ -560,11 +569,15 @@ def top_classes(root: Path, cfg: dict | None = None) -> list[str]:
     if fmt == "json":
         counts = _label_counts_json(root / annotation_name("train"))
     else:
-        counts = _label_counts_parquet(_parquet_files(root, "train"))
+        counts = _label_counts_parquet(parquet_files(root, "train"))
     if not counts:
         where = root / annotation_name("train") if fmt == "json" else root
         raise ValueError(f"data.path: {where}: no entry of the train split has both image_id and image_classes "
                          "(the class label is image_classes[0])")
+    if len(counts) < 2:
+        where = root / annotation_name("train") if fmt == "json" else root
+        raise ValueError(f"data.path: {where}: every image of the train split has the class {next(iter(counts))!r} "
+                         "(image_classes[0]); a classifier needs at least 2 classes")
     ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
     return [name for name, _ in ranked[: int(cfg["num_classes"])]]
 
@@ -600,21 +613,19 @@ def _read_json_split(root: Path, split: str, cfg: dict, summary: dict) -> list[_
 
 def _read_parquet_split(root: Path, split: str, cfg: dict, summary: dict, keep: set[str]) -> list[_Raw]:
     """Rows of the parquet layout; image bytes are kept only for rows of a chosen class."""
-    import pyarrow.parquet as pq
-
-    files = _parquet_files(root, split)
+    files = parquet_files(root, split)
     if not files:
         raise FileNotFoundError(f"data.path: no {split}-*.parquet under {root}")
     out: dict[str, _Raw] = {}
     for f in files:
-        pf = pq.ParquetFile(f)
+        pf = _parquet(f)
         names = set(pf.schema_arrow.names)
         missing = {"image_id", "image_classes", "image"} - names
         if missing:
             raise ValueError(f"{f}: parquet lacks column(s) {sorted(missing)} (has {sorted(names)})")
         columns = [c for c in ("image_id", "image_classes", "image", "caption_str", "tunewise") if c in names]
         row = 0
-        for batch in pf.iter_batches(columns=columns, batch_size=256):
+        for batch in _parquet_batches(pf, f, columns):
             cols = {c: batch.column(c).to_pylist() for c in columns}
             for j in range(batch.num_rows):
                 summary["n_entries"] += 1
@@ -650,8 +661,14 @@ def _image_candidates(image_root: Path, raw: _Raw) -> list[Path]:
     return cands
 
 
+class _Degenerate(ValueError):
+    """An image too small to be a picture."""
+
+
 def _decode(source: Path | bytes, size: int) -> np.ndarray:
     with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
+        if min(im.size) < MIN_IMAGE_SIDE:  # read from the header: a 1x1 placeholder is not decoded
+            raise _Degenerate(f"{im.size[0]}x{im.size[1]} px")
         im.load()
         rgb = im.convert("RGB")
     if rgb.size != (size, size):
@@ -677,7 +694,7 @@ def load_split(root: Path, split: str, cfg: dict | None = None) -> Records:
     if fmt == "json":
         file = str(root / annotation_name(split))
     else:
-        file = ", ".join(str(p) for p in _parquet_files(root, split))
+        file = ", ".join(str(p) for p in parquet_files(root, split))
     summary = _new_summary(split, fmt, file)
     if fmt == "json":
         raws = _read_json_split(root, split, cfg, summary)
@@ -700,18 +717,20 @@ def load_split(root: Path, split: str, cfg: dict | None = None) -> Records:
                 raw.image_bytes = (image_root / raw.image_file).read_bytes()
             if not raw.image_bytes:
                 return "missing_image", None, raw.image_path or raw.image_id
-            try:
-                return "ok", _decode(raw.image_bytes, size), ""
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-                return "unreadable_image", None, raw.image_path or raw.image_id
+            return _decoded(raw.image_bytes, raw.image_path or raw.image_id)
         cands = _image_candidates(image_root, raw)
         path = next((p for p in cands if p.is_file()), None)
         if path is None:
             return "missing_image", None, str(cands[0])
+        return _decoded(path, str(path))
+
+    def _decoded(source: Path | bytes, what: str) -> tuple[str, np.ndarray | None, str]:
         try:
-            return "ok", _decode(path, size), ""
+            return "ok", _decode(source, size), ""
+        except _Degenerate as e:
+            return "degenerate_image", None, f"{what} ({e})"
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-            return "unreadable_image", None, str(path)
+            return "unreadable_image", None, what
 
     threads = max(1, int(cfg["threads"]))
     if threads > 1 and len(chosen) > 64:
@@ -725,10 +744,13 @@ def load_split(root: Path, split: str, cfg: dict | None = None) -> Records:
             _note(summary, status, what)
     if chosen and not ok:
         first = decoded[0][2]
-        raise FileNotFoundError(
+        all_missing = summary["missing_image"] == len(chosen)
+        # all missing: the images are elsewhere (a FileNotFoundError); else they are there but no pictures
+        raise (FileNotFoundError if all_missing else ValueError)(
             f"{file}: none of the {len(chosen)} images of split {split!r} could be read "
-            f"({summary['missing_image']} missing, {summary['unreadable_image']} unreadable; e.g. {first}); "
-            f"check data.image_root (now {image_root})"
+            f"({summary['missing_image']} missing, {summary['unreadable_image']} unreadable, "
+            f"{summary['degenerate_image']} smaller than {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} px; e.g. {first})"
+            + (f"; check data.image_root (now {image_root})" if summary["missing_image"] else "")
         )
     if not ok:
         malformed = summary["examples"].get("malformed")
@@ -742,15 +764,15 @@ def load_split(root: Path, split: str, cfg: dict | None = None) -> Records:
         images[row] = decoded[i][1]
     kept = [chosen[i] for i in ok]
     summary["n_kept"] = len(kept)
-    ocr_path = Path(cfg["ocr_dir"] or root) / ocr_name(split)
-    ocr = read_ocr(ocr_path) if ocr_path.exists() else {}
-    if not ocr_path.exists():
-        log.warning("textcaps data: %s not found; the %s images have no OCR tokens", ocr_path, split)
+    ocr = _read_split_ocr(Path(cfg["ocr_dir"] or root) / ocr_name(split), raws, summary)
     for raw in kept:
         raw.ocr = ocr.get(raw.image_id)
         if raw.ocr is None:  # counted among the kept images only: the others are gone anyway
             _note(summary, "missing_ocr", raw.image_id)
-    problems = {k: summary[k] for k in ("malformed", "missing_image", "unreadable_image", "missing_ocr") if summary[k]}
+        if not raw.captions:
+            _note(summary, "no_caption", raw.image_id)
+    problems = {k: summary[k] for k in ("malformed", "missing_image", "unreadable_image", "degenerate_image",
+                                        "missing_ocr", "ocr_unmatched") if summary[k]}
     if problems:
         log.warning("textcaps data (%s): %s (examples: %s)", split, problems, summary["examples"])
     return Records(
@@ -764,6 +786,21 @@ def load_split(root: Path, split: str, cfg: dict | None = None) -> Records:
         groups=[r.group for r in kept],
         summary=summary,
     )
+
+
+def _read_split_ocr(path: Path, raws: list[_Raw], summary: dict) -> dict[str, list[str]]:
+    """The split's OCR records (none when the file is absent: the parquet layout has no OCR). Records whose
+    image_id is no image of the split are counted: OCR of another split or dataset, read as no OCR at all."""
+    if not path.is_file():
+        log.warning("textcaps data: %s not found; the %s images have no OCR tokens", path, summary["split"])
+        return {}
+    ocr = read_ocr(path)
+    summary["ocr_file"], summary["ocr_records"] = str(path), len(ocr)
+    ids = {raw.image_id for raw in raws}
+    for image_id in ocr:
+        if image_id not in ids:
+            _note(summary, "ocr_unmatched", image_id)
+    return ocr
 
 
 def load_splits(root: Path, cfg: dict | None = None, splits: Sequence[str] = SPLITS) -> dict[str, Records]:

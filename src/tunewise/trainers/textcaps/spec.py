@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from pathlib import Path
 
 from tunewise.train.options import OPTIMIZERS, SCHEDULES
 from tunewise.trainers.base import Capabilities, check_data_source
@@ -29,9 +28,11 @@ DEFAULT_DATA = {
     "image_size": 64,
     "threads": 1,
     # groups: spurious = the generator's slices through one shared encoder; expand = one sample per image
-    # per group, e.g. [{name: image, modality: visual}, {name: text, modality: text}, {name: both, modality: combined}]
-    "mode": "spurious",
-    "groups": [{"name": "majority"}, {"name": "minority"}],
+    # per group, e.g. [{name: image, modality: visual}, {name: text, modality: text}, {name: both, modality: combined}].
+    # auto: spurious on embedded data, expand on a user's TextCaps (it has no groups); groups null: the mode's
+    # groups (tc_data.SPURIOUS_GROUPS / EXPAND_GROUPS). resolve_mode fills both in.
+    "mode": "auto",
+    "groups": None,
     "text_source": "ocr",  # ocr | caption | both
     "max_len": 48,
     "augment": 0.0,  # random translation of train images by up to this fraction of the image size
@@ -46,7 +47,9 @@ DEFAULT_CONFIG = {
         "visual": {"encoder": "small_cnn", "width": 16},  # resnet18 | resnet34 | small_cnn (+ weights: none|<path>)
         "text": {"encoder": "mlp_text"},  # mlp_text | char_cnn_text | transformer_text
         "fusion": "concat",  # combined encoders: concat | sum
-        "shared_encoder": "combined",  # one encoder of this modality for every group; null: one per group
+        # one encoder of this modality for every group; null: one per group; auto: combined in spurious mode, null in
+        # expand mode
+        "shared_encoder": "auto",
     },
     "anchors": {
         "enabled": True,
@@ -92,6 +95,58 @@ DEFAULT_CONFIG = {
 }
 
 
+def resolve_mode(config: dict) -> dict:
+    """data.mode, data.groups and model.shared_encoder where they are left to the default, filled in place from
+    the data source: the generator's data has majority / minority slices (spurious mode, one shared encoder), a
+    user's TextCaps has none (expand mode, one encoder per view). Idempotent. check_config calls it, so the
+    resolved experiment (and every run's config.yaml) shows the values trained with."""
+    data, model = config["data"], config["model"]
+    if data.get("mode", "auto") == "auto":
+        data["mode"] = "spurious" if data.get("source") == "embedded" else "expand"
+    spurious = data["mode"] == "spurious"
+    if data.get("groups") is None:
+        data["groups"] = copy.deepcopy(list(tc_data.SPURIOUS_GROUPS if spurious else tc_data.EXPAND_GROUPS))
+    if model.get("shared_encoder", "auto") == "auto":
+        model["shared_encoder"] = tc_data.SPURIOUS_SHARED_ENCODER if spurious else None
+    return config
+
+
+def effective_config(config: dict) -> dict:
+    """The config with resolve_mode applied, the caller's left as it is (a copy only when something is auto)."""
+    data, model = config["data"], config["model"]
+    if data.get("mode", "auto") != "auto" and data.get("groups") is not None and model.get("shared_encoder") != "auto":
+        return config
+    return resolve_mode(copy.deepcopy(config))
+
+
+def _check_groups(data: dict, shared) -> None:
+    """The groups against the mode: the combinations that cannot train are refused here, at validation."""
+    groups = data["groups"]
+    if not isinstance(groups, list) or not groups or not all(isinstance(g, dict) and g.get("name") for g in groups):
+        raise ValueError("data.groups: a non-empty list of {name, modality, ...} entries is required")
+    names = [str(g["name"]) for g in groups]
+    if len(set(names)) != len(names):
+        raise ValueError(f"data.groups: names must be unique, got {names}")
+    generator = [g["name"] for g in tc_data.SPURIOUS_GROUPS]
+    if data["mode"] == "spurious" and sorted(names) != sorted(generator):
+        raise ValueError(
+            f"data.groups: mode spurious puts each image in its generator group ({', '.join(generator)}), got "
+            f"{', '.join(names)}; for views of each image use mode: expand (or leave data.mode and data.groups out)"
+        )
+    if shared is not None and shared not in MODALITIES:
+        raise ValueError(f"model.shared_encoder: expected one of {', '.join(MODALITIES)}, auto or null, got {shared!r}")
+    if data["mode"] == "expand" and shared is not None:
+        raise ValueError("model.shared_encoder: expand mode gives each group its own view and encoder; set it to null "
+                         "(or leave it out)")
+    if shared is None:
+        for g in groups:
+            if g.get("modality") not in MODALITIES:
+                raise ValueError(
+                    f"data.groups[{g['name']}].modality: expected one of {', '.join(MODALITIES)} "
+                    f"(each group has its own encoder when model.shared_encoder is null), got {g.get('modality')!r}"
+                )
+
+
 def _group_has_own_spec(group: dict) -> bool:
     return bool(set(group) - {"name", "modality"})
 
@@ -110,6 +165,7 @@ def encoder_spec(modality: str, model_cfg: dict, name: str) -> dict:
 
 def model_encoder_specs(config: dict) -> list[tuple[str, dict]]:
     """(modality, build_encoder spec) of each encoder the model has: the shared one, or one per group."""
+    config = effective_config(config)
     m, groups = config["model"], config["data"]["groups"]
     if m.get("shared_encoder"):
         return [(m["shared_encoder"], encoder_spec(m["shared_encoder"], m, "model.shared_encoder"))]
@@ -159,41 +215,33 @@ class TextCapsSpec(Capabilities):
     def default_config(self) -> dict:
         return copy.deepcopy(DEFAULT_CONFIG)
 
+    def metric_names(self, config: dict) -> list[str]:
+        """What a run writes (checked against metric.name at validation); group and class names come from the
+        data, hence the patterns."""
+        names = ["loss", "acc", "worst_group_acc", "avg_acc", "acc/*", "class_acc/*"]
+        return [f"{split}/{name}" for split in ("val", "train") for name in names] + ["train/eval_loss"]
+
     # --- config ---------------------------------------------------------------------------------
     def check_config(self, config: dict) -> None:
         data, m, a, dro = config["data"], config["model"], config["anchors"], config["groupdro"]
         check_data_source(data)
-        if data["source"] == "path":
-            if not Path(data["path"]).exists():
-                raise FileNotFoundError(f"data.path: not found: {data['path']}")
         tc_data.resolve_generator_config(data.get("generator"))
-        tc_data.resolve_loader_config(data)
-        if data["mode"] not in tc_data.MODES:
-            raise ValueError(f"data.mode: expected one of {tc_data.MODES}, got {data['mode']!r}")
+        loader = tc_data.resolve_loader_config(data)
+        if data["source"] == "path":
+            # cheap (nothing is read): a folder, with the train split in a known layout; the other splits and the
+            # contents are checked at prepare_data
+            root = tc_data.check_folder(data["path"])
+            tc_data.detect_layout(root, "train", loader["format"])
+        if data["mode"] not in tc_data.MODE_CHOICES:
+            raise ValueError(f"data.mode: expected one of {', '.join(tc_data.MODE_CHOICES)}, got {data['mode']!r}")
+        resolve_mode(config)
         if data["text_source"] not in tc_data.TEXT_SOURCES:
             raise ValueError(f"data.text_source: expected one of {tc_data.TEXT_SOURCES}, got {data['text_source']!r}")
         if int(data["max_len"]) < 1:
             raise ValueError(f"data.max_len: must be >= 1, got {data['max_len']}")
         if not 0.0 <= float(data["augment"]) < 0.5:
             raise ValueError(f"data.augment: must be in [0, 0.5), got {data['augment']}")
-        groups = data["groups"]
-        if not isinstance(groups, list) or not groups or not all(isinstance(g, dict) and g.get("name") for g in groups):
-            raise ValueError("data.groups: a non-empty list of {name, modality, ...} entries is required")
-        names = [str(g["name"]) for g in groups]
-        if len(set(names)) != len(names):
-            raise ValueError(f"data.groups: names must be unique, got {names}")
-        shared = m.get("shared_encoder")
-        if shared is not None and shared not in MODALITIES:
-            raise ValueError(f"model.shared_encoder: expected one of {', '.join(MODALITIES)} or null, got {shared!r}")
-        if data["mode"] == "expand" and shared is not None:
-            raise ValueError("model.shared_encoder: expand mode gives each group its own view and encoder; set it to null")
-        if shared is None:
-            for g in groups:
-                if g.get("modality") not in MODALITIES:
-                    raise ValueError(
-                        f"data.groups[{g['name']}].modality: expected one of {', '.join(MODALITIES)} "
-                        f"(each group has its own encoder when model.shared_encoder is null), got {g.get('modality')!r}"
-                    )
+        _check_groups(data, m.get("shared_encoder"))
         for key in ("latent_dim",):
             if int(m[key]) < 1:
                 raise ValueError(f"model.{key}: must be >= 1, got {m[key]}")

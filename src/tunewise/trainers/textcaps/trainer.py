@@ -27,6 +27,7 @@ from torch import nn
 from tunewise.runs import CONFUSION_FILE, read_json, write_json
 from tunewise.trainers.base import data_root
 from tunewise.trainers.textcaps import data as tc_data
+from tunewise.trainers.textcaps import data_checks
 from tunewise.trainers.textcaps.anchors import GaussianAnchors, anchor_losses, build_head
 from tunewise.trainers.textcaps.encoders import backbone_prefixes, build_encoder
 from tunewise.trainers.textcaps.groupdro import GroupDRO, group_mean_losses
@@ -36,6 +37,7 @@ from tunewise.trainers.textcaps.spec import (  # noqa: F401  (re-exported: train
     TEST_CONFUSION_FILE,
     TextCapsSpec,
     encoder_spec,
+    effective_config,
     encoder_spec_errors,
     model_encoder_specs,
 )
@@ -173,17 +175,15 @@ class TextCapsTrainer(TextCapsSpec):
                 "fingerprint": meta["fingerprint"],
                 "classes": meta["classes"],
                 "splits": meta["splits"],
+                "data_checks": data_checks.embedded_checks(meta),
             }
-        root = Path(data_cfg["path"] or "")
-        if not data_cfg.get("path") or not root.exists():
-            raise FileNotFoundError(f"data.path: not found: {data_cfg.get('path')}")
-        # a real dataset is read where it lies; the class list is cheap and catches a wrong layout now
-        classes = tc_data.top_classes(root, data_cfg)
-        return {"source": "path", "path": str(root), "classes": classes}
+        # a real dataset is read where it lies, every split once now: what cannot train is refused here, not in
+        # the first training job (which Snakemake would retry)
+        return data_checks.prepare_user_data(data_cfg, Path(out_dir), threads)
 
     # --- data -----------------------------------------------------------------------------------
     def _datasets(self, config: dict, splits: Sequence[str]) -> dict[str, tc_data.TextCapsDataset]:
-        data = config["data"]
+        data = effective_config(config)["data"]
         records = tc_data.load_splits(data_root(config), data, splits)
         return {
             s: tc_data.TextCapsDataset(r, data["groups"], data["mode"], data["text_source"], int(data["max_len"]))
