@@ -71,6 +71,11 @@ def test_the_tiny_clip_trained_steps_on_the_captions_or_the_shapes(workflow):
 
 def test_reports_say_the_caption_ratio_is_unavailable_without_captions(workflow):
     reports = workflow / "reports"
+    # the diagnostic report's Data section: what was skipped, and the warnings
+    data = (reports / CAPTIONED / "diagnostic_report.md").read_text().split("## Data", 1)[1].split("\n## ", 1)[0]
+    assert "unreadable or truncated image" in data and "broken.png" in data and "notes.txt" in data
+    data = (reports / UNCAPTIONED / "diagnostic_report.md").read_text().split("## Data", 1)[1].split("\n## ", 1)[0]
+    assert "README.md" in data and "the caption ratio is unavailable" in data and "knows only shapes" in data
     for name in ("diagnostic_report.md", "final_report.md"):
         text = (reports / UNCAPTIONED / name).read_text()
         assert "the caption ratio is unavailable" in text
