@@ -40,6 +40,8 @@ def _defects(root: Path) -> None:
     Image.new("RGB", (32, 32), (0, 0, 0)).save(root / "black.png")
     (root / "fake.jpg").write_text("not a jpeg")
     (root / "notes.txt").write_text("notes")
+    (root / ".ipynb_checkpoints").mkdir()
+    Image.new("RGB", (32, 32), (0, 0, 0)).save(root / ".ipynb_checkpoints" / "black-checkpoint.png")
 
 
 def test_captioned_folder_is_split_checked_and_cached(tmp_path):
@@ -59,9 +61,11 @@ def test_captioned_folder_is_split_checked_and_cached(tmp_path):
     assert dropped == {"not an image (by its extension)": (1, ["notes.txt"]),
                        "unreadable or truncated image": (1, ["fake.jpg"]),
                        "smaller than 8 px": (1, ["pixel.png"]), "a single colour": (1, ["black.png"]),
-                       "no caption in captions.csv": (1, ["uncaptioned.png"])}
+                       "no caption in captions.csv": (1, ["uncaptioned.png"]),
+                       "a hidden folder (not read)": (1, [".ipynb_checkpoints"])}
     assert any("1 caption(s) name no image" in w and "gone.png" in w for w in checks["warnings"])
     assert any("smaller than one batch" in n for n in checks["notes"])
+    assert any("fewer than data.n_targets" in n for n in checks["notes"])
     # the arrays layout training reads, with each image's caption and file
     images, ids, caps = shapes.load_split(tmp_path / "prep", "train")
     files = json.loads((tmp_path / "prep" / "train_files.json").read_text())

@@ -5,7 +5,7 @@ Torch-free (PIL, numpy, pandas), so the config checks at the Snakefile parse can
 an experiment has captions (its primary metric follows) without importing torch.
 
 A folder of images:
-  DIR/**/*.png|jpg|jpeg|webp   read recursively (symlinked folders are not followed); anything else is skipped
+  DIR/**/*.png|jpg|jpeg|webp   read recursively (symlinked and hidden folders are not); anything else is skipped
   DIR/captions.csv             optional: columns file,caption (file relative to DIR, e.g. cats/01.jpg), UTF-8
   DIR/captions.json            optional, instead: {"cats/01.jpg": "a cat on a sofa", ...}
 `data.captions` names another file (relative to DIR or absolute); with none given the two above are looked up.
@@ -73,10 +73,13 @@ def check_folder(path: str | Path) -> Path:
 def list_files(folder: Path, skip: set[Path]) -> tuple[list[str], dict[str, list[str]]]:
     """(image files, {reason: files skipped unread}), as paths relative to folder, sorted; recursive without
     following symlinked folders (a link back up would list the same images forever)."""
-    images, skipped = [], {"not an image (by its extension)": [], "a symlinked folder (not followed)": []}
+    images, skipped = [], {"not an image (by its extension)": [], "a symlinked folder (not followed)": [],
+                           "a hidden folder (not read)": []}
     for root, dirs, files in os.walk(folder, followlinks=False):
         base = Path(root)
-        dirs.sort()
+        # .ipynb_checkpoints, .git, .thumbnails: copies and caches, not the user's images (read, they would be twice)
+        skipped["a hidden folder (not read)"] += [_rel(base / d, folder) for d in sorted(dirs) if d.startswith(".")]
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         skipped["a symlinked folder (not followed)"] += [_rel(base / d, folder) for d in dirs if (base / d).is_symlink()]
         for name in sorted(files):
             path = base / name
@@ -242,8 +245,8 @@ def _prepare(folder, captions_path, files, skipped, size, settings, fp, out_dir,
     if train_clip and len(splits["train"]) < batch_size:
         notes.append(f"the tiny CLIP's training set ({len(splits['train'])} images) is smaller than one batch "
                      f"(data.clip.train.batch_size {batch_size}): it trains with batches of {len(splits['train'])}")
-    if len(splits["val"]) < n_targets:
-        warnings.append(f"{len(splits['val'])} held-out images for the runs' searches, fewer than data.n_targets "
+    if len(splits["val"]) < n_targets:  # a note, not a warning: fewer searches per run, each still sound
+        notes.append(f"{len(splits['val'])} held-out images for the runs' searches, fewer than data.n_targets "
                         f"({n_targets}): each run searches {len(splits['val'])} prompts")
     counts = _write_splits(out_dir, splits, arrays, captions)
     checks = {
