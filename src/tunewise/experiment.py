@@ -261,7 +261,8 @@ def resolve_experiment(config: dict, name: str) -> dict:
     seeds = exp["significance"]["seeds"]
     exp["significance"]["seeds"] = list(range(seeds)) if isinstance(seeds, int) else seeds
     exp["metric"] = {
-        "name": exp["metric"].get("name") or trainer.primary_metric,
+        # a trainer whose metric depends on the data (captions or none, say) gives it for this config
+        "name": exp["metric"].get("name") or capability(trainer, "primary_metric_for")(resolved),
         "direction": exp["metric"].get("direction") or trainer.direction,
     }
     exp["name"] = name

@@ -91,6 +91,9 @@ class Capabilities:
       "val/acc/*" where names come from the data), so a typo in `metric.name` is refused at validation instead
       of failing the first epoch; None (the default): not checked.
     - a `design` block in `default_config()` gives the trainer a design phase (`design(...)` then trains it).
+    - `primary_metric_for(config)`: the primary metric for this resolved config, when it depends on the data
+      (pez: the caption ratio needs captions); an experiment's `metric.name` defaults to it at resolve time, so
+      it must not need torch. Default: `primary_metric`.
     """
 
     diagnosis_thresholds: dict = {}
@@ -107,6 +110,9 @@ class Capabilities:
 
     def preparation_steps(self, config: dict) -> dict[str, str]:
         return {}
+
+    def primary_metric_for(self, config: dict) -> str:
+        return self.primary_metric
 
     def prepare_step(self, step: str, config: dict, out_dir: Path, threads: int) -> dict | None:
         raise KeyError(f"trainer {getattr(self, 'name', '?')!r} has no preparation step {step!r}")

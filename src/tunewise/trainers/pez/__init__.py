@@ -5,3 +5,4 @@ does not import open_clip, and through it torchvision, before a job needs the CL
 
 TINY_CLIP_NAME = "tunewise-tiny-clip"  # the embedded CLIP's open_clip model name
 CHECKPOINT_NAME = "tiny_clip.pt"
+TINY_IMAGE_SIZE = 64  # the side of the images the tiny CLIP sees (its vision config and the prepared arrays)

@@ -24,14 +24,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from tunewise.runs import atomic_write_text
-from tunewise.trainers.pez import CHECKPOINT_NAME, TINY_CLIP_NAME
+from tunewise.trainers.pez import CHECKPOINT_NAME, TINY_CLIP_NAME, TINY_IMAGE_SIZE
 from tunewise.trainers.pez.shapes import load_split
 
 # The 49,408 x width token embedding dominates the size, hence a narrow text tower; vocab_size stays
 # the standard one so open_clip's SimpleTokenizer (and PEZ's projection onto its vocabulary) work as-is.
 TINY_CLIP_CONFIG: dict = {
     "embed_dim": 128,
-    "vision_cfg": {"image_size": 64, "patch_size": 8, "width": 96, "head_width": 32, "layers": 2,
+    "vision_cfg": {"image_size": TINY_IMAGE_SIZE, "patch_size": 8, "width": 96, "head_width": 32, "layers": 2,
                    "mlp_ratio": 4.0},
     "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3},
 }
@@ -213,9 +213,12 @@ def _contrastive_loss(img_f, txt_f, logit_scale, caption_ids):
 def train_tiny_clip(data_dir: str | Path, out_dir: str | Path, epochs: int = 6, batch_size: int = 128,
                     lr: float = 2e-3, seed: int = 0, threads: int = 1, progress: bool = True,
                     weight_decay: float = 0.1, warmup_frac: float = 0.05, max_steps: int | None = None,
-                    config: dict | None = None) -> dict:
+                    config: dict | None = None, trained_on: str | None = None, train_config: dict | None = None) -> dict:
     """Train the tiny CLIP on data_dir's train split (shapes.write_split) and evaluate retrieval on
-    val + test together; returns the metrics dict (also clip_metrics.json)."""
+    val + test together; returns the metrics dict (also clip_metrics.json). A train split smaller than one batch
+    trains with batches of its size (never 0 steps: a random CLIP would make every prompt meaningless);
+    `trained_on` says in the reports what it learnt from, `train_config` (data.clip.train) is what the
+    preparation step's cache compares."""
     t0 = time.time()
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -223,6 +226,10 @@ def train_tiny_clip(data_dir: str | Path, out_dir: str | Path, epochs: int = 6, 
     model = build_tiny_clip(out, config)
     tokenizer = open_clip.get_tokenizer(TINY_CLIP_NAME)
     images, _, captions = load_split(data_dir, "train")
+    if len(images) < 2 or any(c is None for c in captions):
+        raise ValueError(f"{data_dir}: the tiny CLIP needs at least 2 captioned training images, got {len(images)}"
+                         f"{' (some without a caption)' if len(images) >= 2 else ''}")
+    batch_size = min(int(batch_size), len(images))  # a set smaller than one batch: one batch of all of it
     tokens = tokenizer(captions)
     distinct = {c: i for i, c in enumerate(sorted(set(captions)))}
     caption_ids = torch.tensor([distinct[c] for c in captions])
@@ -236,6 +243,8 @@ def train_tiny_clip(data_dir: str | Path, out_dir: str | Path, epochs: int = 6, 
                               "weight_decay": weight_decay}], lr=lr, betas=(0.9, 0.98), eps=1e-6)
     steps_per_epoch = len(images) // batch_size  # drop the ragged last batch: InfoNCE wants full batches
     total = min(epochs * steps_per_epoch, max_steps or 10**12)
+    if total < 1:  # epochs or max_steps of 0: the checks upstream refuse them; never save an untrained CLIP
+        raise ValueError(f"the tiny CLIP would train 0 steps (epochs {epochs}, {len(images)} images, batch {batch_size})")
     warmup = max(1, int(warmup_frac * total))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))))
@@ -281,7 +290,8 @@ def train_tiny_clip(data_dir: str | Path, out_dir: str | Path, epochs: int = 6, 
                "batch_size": batch_size, "lr": lr, "seed": seed, "threads": threads,
                "final_train_loss": loss_value, "logit_scale": model.logit_scale.exp().item(),
                "train_seconds": round(train_s, 1), "total_seconds": round(time.time() - t0, 1),
-               "data_fingerprint": data_meta["fingerprint"]}
+               "data_fingerprint": data_meta["fingerprint"], "trained_on": trained_on,
+               "train_config": train_config}
     # the tiny CLIP's completion marker (the `clip` preparation step and the searches look for it): atomic, so a killed job
     # never leaves half of one that reads as a trained model
     atomic_write_text(out / "clip_metrics.json", json.dumps(metrics, indent=2))

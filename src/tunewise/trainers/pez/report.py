@@ -21,6 +21,7 @@ from tunewise.reports.sections import Section, SectionContext
 from tunewise.runs import read_history, read_json
 from tunewise.trainers.pez.spec import CLIP_DIR, PROMPTS_FILE, TEST_PROMPTS_FILE
 
+CAPTION_KEYS = {"caption_similarity", "ratio", "text_ratio", "token_recovery"}  # need captions
 SUMMARY = (  # (key in each target, label)
     ("similarity", "PEZ prompt similarity (ids as optimised)"),
     ("text_similarity", "PEZ prompt similarity (decoded text, tokenised again)"),
@@ -78,8 +79,10 @@ def plot_prompt_targets(targets: Sequence[Mapping], images: Sequence[np.ndarray 
         if images[i] is not None:
             ax.imshow(images[i])
         wrap = lambda s: "\n".join(textwrap.wrap(str(s), 34)) or "''"  # noqa: E731
-        ax.set_title(f"{wrap(t.get('caption', ''))}\n-> {wrap(t.get('prompt', ''))}\nratio {t.get('ratio', float('nan')):.2f}",
-                     fontsize=7)
+        ratio = t.get("ratio")
+        score = f"ratio {ratio:.2f}" if ratio is not None else f"similarity {t.get('similarity', float('nan')):.2f}"
+        ax.set_title(f"{wrap(t.get('caption') or t.get('file') or t.get('image_id', ''))}\n-> "
+                     f"{wrap(t.get('prompt', ''))}\n{score}", fontsize=7)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -137,19 +140,23 @@ def prompt_table(prompts_path: Path | None, run_dir: Path | None, report_path: P
                                       title=f"{title}: similarity over PEZ steps")
         if curve is not None:
             written.append(curve)
+    # images without captions (a user's folder): no ceiling, so no ratio; the similarity itself is the measure
+    captioned = any(t.get("caption_similarity") is not None for t in targets)
     rows = [{
         "image": link(p, report_path) if p is not None and p.is_file() else None,
-        "image_id": t.get("image_id"), "caption": t.get("caption"), "prompt": t.get("prompt"),
+        "image_id": t.get("file") or t.get("image_id"), "caption": t.get("caption"), "prompt": t.get("prompt"),
         "similarity": t.get("similarity"), "caption_similarity": t.get("caption_similarity"),
         "ratio": t.get("ratio"), "random_best_similarity": t.get("random_best_similarity"),
         "token_recovery": t.get("token_recovery"),
     } for t, p in zip(targets, image_paths)]
-    summary = [{"label": label, "value": _mean(t.get(key) for t in targets)} for key, label in SUMMARY]
+    summary = [{"label": label, "value": _mean(t.get(key) for t in targets)} for key, label in SUMMARY
+               if captioned or key not in CAPTION_KEYS]
     clip = _clip_metrics(run_dir)
     if clip is not None:
-        clip = {**{k: clip.get(k) for k in ("model", "parameters", "epochs", "train_seconds")},
+        clip = {**{k: clip.get(k) for k in ("model", "parameters", "epochs", "steps", "train_seconds", "trained_on")},
                 **(clip.get("retrieval_val_test") or {})}
     return {"split": split, "n": len(targets), "rows": rows, "summary": summary, "run_label": run_label, "clip": clip,
+            "captioned": captioned,
             "grid": link(grid, report_path), "curve": link(curve, report_path) if curve is not None else None,
             "written": written}
 

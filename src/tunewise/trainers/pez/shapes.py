@@ -10,6 +10,9 @@ Files written by `write_split(out_dir, ...)` under out_dir:
   {split}_scenes.json    {"<image id>": [{shape, colour, size, cx, cy, r}, ...]}  (what was drawn)
   meta.json              generator config, counts, fingerprint (written last: its presence marks a
                          complete directory)
+The same layout is what a user's data.path may hold instead of a folder of images (the .npy files are read with
+allow_pickle=False, and checked at prepare-data: `folder.check_arrays`), and what `folder.prepare_folder` makes
+of a folder of images ({split}_captions.json then maps ids to null when the images have no captions).
 """
 from __future__ import annotations
 
@@ -169,13 +172,15 @@ def read_meta(data_dir: str | Path) -> dict:
     return meta
 
 
-def load_split(data_dir: str | Path, split: str) -> tuple[np.ndarray, list[str], list[str]]:
-    """(images uint8 [N, S, S, 3], image ids, captions) in array order."""
+def load_split(data_dir: str | Path, split: str) -> tuple[np.ndarray, list[str], list[str | None]]:
+    """(images uint8 [N, S, S, 3], image ids, captions; None where the images have none) in array order."""
     d = Path(data_dir)
     if not (d / "meta.json").is_file():
         raise FileNotFoundError(f"{d / 'meta.json'} missing: not a complete shapes directory (write_split)")
-    images = np.load(d / f"{split}_images.npy", allow_pickle=False)
-    captions = json.loads((d / f"{split}_captions.json").read_text())
+    from tunewise.trainers.pez.folder import load_images
+
+    images = load_images(d / f"{split}_images.npy", mmap=False)  # never unpickles; a pickled .npy is named
+    captions = read_user_json(d / f"{split}_captions.json")
     ids = list(captions)
     if len(ids) != len(images):
         raise ValueError(f"{d}: {len(images)} images but {len(ids)} captions in split {split!r}")

@@ -9,16 +9,23 @@ import copy
 from pathlib import Path
 
 from tunewise.trainers.base import Capabilities, check_data_source
-from tunewise.trainers.pez import TINY_CLIP_NAME, shapes
+from tunewise.trainers.pez import TINY_CLIP_NAME, TINY_IMAGE_SIZE, folder, shapes
 
 CLIP_DIR = "clip"  # under the prepared data directory: the embedded tiny CLIP
+SHAPES_DIR = "shapes"  # under it too: the generated shapes a tiny CLIP learns from when the user's images have no captions
+CAPTION_METRIC = "val/caption_ratio"  # the prompts' similarity as a share of the captions' (images with captions)
+SIMILARITY_METRIC = "val/similarity"  # the prompts' similarity itself (images without captions)
 PROMPTS_FILE = "prompts.json"  # per target: caption, prompt, similarities, token recovery
 TARGETS_DIR = "targets"  # the target images as PNG, for the reports
 TEST_PROMPTS_FILE = "prompts_test.json"  # evaluate_test's prompts, in the final folder
 
 DEFAULT_DATA = {
-    "source": "embedded",  # embedded: generated shapes | path: a directory written by shapes.write_split
+    # embedded: generated shapes | path: a folder of images (folder.py) or a folder written by shapes.write_split
+    "source": "embedded",
     "path": None,
+    "captions": None,  # a folder of images' captions file (relative to it); None: captions.csv / captions.json if there
+    "image_size": TINY_IMAGE_SIZE,  # a folder's images are centre-cropped to this square (the tiny CLIP's 64)
+    "held_out": 0.2,  # share of a captioned folder kept from the tiny CLIP's training: the images PEZ searches
     "generator": {"image_size": 64, "n_train": 8000, "n_val": 500, "n_test": 200, "seed": 0},
     "n_targets": 20,  # images of the split whose prompts a run searches (one search each)
     "clip": {
@@ -63,6 +70,45 @@ def generator_config(data: dict) -> shapes.ShapesConfig:
                                counts={"train": int(g["n_train"]), "val": int(g["n_val"]), "test": int(g["n_test"])})
 
 
+def layout(data: dict) -> str:
+    """embedded (generated shapes), arrays (a user's folder with meta.json and .npy arrays) or images (a folder
+    of images, made into arrays by prepare_data)."""
+    if data["source"] != "path":
+        return "embedded"
+    return "arrays" if (Path(data["path"]) / "meta.json").is_file() else "images"
+
+
+def has_captions(data: dict) -> bool:
+    """Whether the targets have captions (the caption ratio needs them). Torch-free and reads no image, so the
+    primary metric follows the data at resolve time."""
+    if layout(data) != "images":
+        return True
+    return folder.find_captions(data["path"], data.get("captions")) is not None
+
+
+def own_clip(data: dict) -> bool:
+    """Whether data.clip names weights of the user's (no tiny CLIP is trained then)."""
+    return bool(data["clip"].get("checkpoint") or data["clip"].get("pretrained"))
+
+
+def images_root(config: dict) -> Path:
+    """Where the targets' arrays are: a user's arrays folder as it is, else what prepare_data wrote."""
+    data = config["data"]
+    if layout(data) == "arrays":
+        return Path(data["path"])
+    if not data.get("prepared_dir"):
+        raise ValueError("data.prepared_dir: not set (prepare the data first)")
+    return Path(data["prepared_dir"])
+
+
+def clip_data_root(config: dict) -> Path:
+    """What the tiny CLIP trains on: the targets' own folder when it has captions, else the generated shapes
+    prepare_data wrote beside it (a CLIP must learn from captions, and the user's images have none)."""
+    if has_captions(config["data"]):
+        return images_root(config)
+    return Path(config["data"]["prepared_dir"]) / SHAPES_DIR
+
+
 def tiny_clip_dir(config: dict) -> Path | None:
     """Where the embedded tiny CLIP lives, or None when data.clip names another model's weights."""
     c = config["data"]["clip"]
@@ -75,7 +121,7 @@ def tiny_clip_dir(config: dict) -> Path | None:
 
 class PezSpec(Capabilities):
     name = "pez"
-    primary_metric = "val/caption_ratio"
+    primary_metric = CAPTION_METRIC  # SIMILARITY_METRIC for images without captions: primary_metric_for
     direction = "max"
     knobs = {
         "lr": "pez.lr",
@@ -98,18 +144,28 @@ class PezSpec(Capabilities):
     diagnosis_thresholds = {"loss_jitter_rel": 1.0, "still_improving_frac": 0.05}
     report_sections = ("tunewise.trainers.pez.report:prompt_section",)
 
+    def primary_metric_for(self, config: dict) -> str:
+        """The caption ratio needs captions: a folder of images without them is measured by the prompts'
+        similarity to their image (an experiment's metric.name defaults to this at resolve time)."""
+        return CAPTION_METRIC if has_captions(config["data"]) else SIMILARITY_METRIC
+
     def metric_names(self, config: dict) -> list[str]:
-        """What a run writes (checked against metric.name at validation)."""
-        val = ["similarity", "caption_ratio", "caption_similarity", "random_similarity", "random_best_similarity",
-               "text_ratio", "text_similarity", "random_ratio", "token_recovery"]
-        return [f"val/{n}" for n in val] + [f"train/{n}" for n in ("loss", "similarity", "token_change", *val)]
+        """What a run's history rows hold (checked against metric.name at validation): the caption measures only
+        where the images have captions."""
+        val = ["similarity", "random_similarity", "random_best_similarity"]
+        if has_captions(config["data"]):
+            val += ["caption_ratio", "caption_similarity"]
+        return [f"val/{n}" for n in val] + ["train/loss", "train/similarity", "train/token_change"]
+
 
     def preparation_steps(self, config: dict) -> dict[str, str]:
         """Without weights of its own (data.clip.checkpoint/pretrained), a run uses the embedded tiny CLIP,
-        trained once per experiment on the prepared train split before any search."""
-        clip = config["data"]["clip"]
-        if clip.get("checkpoint") or clip.get("pretrained"):
+        trained once per experiment before any search: on the captioned images, or on the generated shapes."""
+        if own_clip(config["data"]):
             return {}
+        if layout(config["data"]) == "images":
+            on = "the captioned images" if has_captions(config["data"]) else "the generated shapes (the images have no captions)"
+            return {CLIP_DIR: f"train the embedded tiny CLIP on {on}"}
         return {CLIP_DIR: "train the embedded tiny CLIP on the prepared shapes"}
 
     def default_config(self) -> dict:
@@ -122,17 +178,21 @@ class PezSpec(Capabilities):
         data = config["data"]
         check_data_source(data)
         if data["source"] == "path":
-            if not (Path(data["path"]) / "meta.json").is_file():
-                raise FileNotFoundError(f"data.path: {data['path']} has no meta.json (a directory written by "
-                                        f"tunewise.trainers.pez.shapes.write_split is expected)")
+            folder.check_folder(data["path"])
+        if layout(data) == "arrays":
             try:
                 shapes.read_meta(data["path"])  # a damaged meta.json stops the workflow here, not in a job
             except ValueError as e:
                 raise ValueError(f"data.path: {e}") from None
+        elif layout(data) == "images":
+            self._check_images_config(data)
         generator_config(data)
         if int(data["n_targets"]) < 1:
             raise ValueError(f"data.n_targets: must be >= 1, got {data['n_targets']}")
         clip = data["clip"]
+        if clip.get("checkpoint") and Path(clip["checkpoint"]).is_dir():
+            raise ValueError(f"data.clip.checkpoint: {clip['checkpoint']} is a directory; name the weights file in "
+                             f"it (e.g. open_clip_pytorch_model.bin)")
         if clip.get("checkpoint") and not Path(clip["checkpoint"]).is_file():
             raise FileNotFoundError(f"data.clip.checkpoint: not found: {clip['checkpoint']}")
         if not clip.get("checkpoint") and not clip.get("pretrained") and clip["model"] != TINY_CLIP_NAME:
@@ -154,6 +214,19 @@ class PezSpec(Capabilities):
             raise ValueError(f"train.report_every: must be >= 1, got {config['train']['report_every']}")
         if int(config["train"]["random_prompts"]) < 2:
             raise ValueError(f"train.random_prompts: must be >= 2, got {config['train']['random_prompts']}")
+
+    @staticmethod
+    def _check_images_config(data: dict) -> None:
+        """A folder of images: its captions file named or found, and sizes the CLIP can see (the images
+        themselves are read and checked by prepare_data, not at every parse)."""
+        folder.find_captions(data["path"], data.get("captions"))
+        if not 0 < float(data["held_out"]) < 1:
+            raise ValueError(f"data.held_out: a share of the images between 0 and 1, got {data['held_out']}")
+        if int(data["image_size"]) < folder.MIN_SIDE:
+            raise ValueError(f"data.image_size: must be >= {folder.MIN_SIDE}, got {data['image_size']}")
+        if not own_clip(data) and int(data["image_size"]) != TINY_IMAGE_SIZE:
+            raise ValueError(f"data.image_size: the tiny CLIP sees {TINY_IMAGE_SIZE} px images, got "
+                             f"{data['image_size']}; keep {TINY_IMAGE_SIZE}, or give a CLIP of your own (data.clip)")
 
     def search_space(self) -> dict:
         return {

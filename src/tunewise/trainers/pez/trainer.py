@@ -22,20 +22,32 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tunewise.trainers.base import NonFiniteLoss, data_root
-from tunewise.trainers.pez import shapes
+from tunewise.trainers.base import NonFiniteLoss
+from tunewise.trainers.pez import folder, shapes
 from tunewise.trainers.pez import CHECKPOINT_NAME, TINY_CLIP_NAME
 from tunewise.trainers.pez.spec import (  # noqa: F401  (re-exported: trainer.py was their home)
     CLIP_DIR,
     DEFAULT_CONFIG,
     DEFAULT_DATA,
     PROMPTS_FILE,
+    SHAPES_DIR,
+    SIMILARITY_METRIC,
     TARGETS_DIR,
     TEST_PROMPTS_FILE,
     PezSpec,
+    clip_data_root,
     generator_config,
+    has_captions,
+    images_root,
+    layout,
+    own_clip,
     tiny_clip_dir,
 )
+
+
+def _checks(rows: dict, dropped=(), warnings=(), notes=()) -> dict:
+    """ready.json's data_checks (every list present, possibly empty): what the diagnostic report's Data shows."""
+    return {"rows": rows, "dropped": list(dropped), "warnings": list(warnings), "notes": list(notes)}
 
 
 class PezTrainer(PezSpec):
@@ -43,20 +55,81 @@ class PezTrainer(PezSpec):
 
     # --- data -----------------------------------------------------------------------------------
     def prepare_data(self, data_cfg: dict, out_dir: Path, threads: int) -> dict:
-        if data_cfg["source"] == "path":
-            meta = shapes.read_meta(data_cfg["path"])
-            return {"source": "path", "path": str(data_cfg["path"]), "counts": meta.get("counts"),
-                    "n_rows": sum((meta.get("counts") or {}).values())}
+        """Embedded: the shapes generated into out_dir. A folder of images: made into arrays in out_dir
+        (folder.prepare_folder), plus the shapes a tiny CLIP learns from when the images have no captions. A
+        user's arrays folder: checked as training will read it. Each returns its `data_checks`."""
+        kind = layout(data_cfg)
+        if own_clip(data_cfg):
+            self._check_own_clip(data_cfg["clip"])
+        if kind == "arrays":
+            return self._prepare_arrays(data_cfg)
+        if kind == "embedded":
+            meta = self._generate_shapes(data_cfg, Path(out_dir))
+            counts = meta["counts"]
+            checks = _checks({"images": sum(counts.values()), "clip_train": counts["train"],
+                              "held_out": counts["val"] + counts["test"]},
+                             notes=[f"generated shapes (seed {meta['config']['seed']}): {counts}"])
+            return {"source": "embedded", "n_rows": sum(counts.values()), "counts": counts,
+                    "fingerprint": meta["fingerprint"], "data_checks": checks}
+        return self._prepare_images(data_cfg, Path(out_dir))
+
+    @staticmethod
+    def _check_own_clip(clip: dict) -> None:
+        """The user's CLIP loads (model name known to open_clip or {model}.json beside the weights, weights that
+        fit it), here and not in the first training job."""
+        import pickle
+
+        from tunewise.trainers.pez.clip import load_clip
+
+        try:
+            load_clip(clip["model"], clip.get("pretrained"), clip.get("checkpoint"), "cpu")
+        except (RuntimeError, KeyError, OSError, EOFError, pickle.UnpicklingError) as e:  # misfit or damaged weights
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"data.clip: open_clip model {clip['model']!r} does not load from "
+                             f"{clip.get('checkpoint') or clip.get('pretrained')} ({first})") from None
+
+    @staticmethod
+    def _generate_shapes(data_cfg: dict, out: Path) -> dict:
+        """The generated shapes in out (cached: the same generator settings leave a complete directory alone,
+        meta.json being written last)."""
         cfg = generator_config(data_cfg)
-        out = Path(out_dir)
         meta_path = out / "meta.json"
-        # cached: the same generator settings leave a complete directory alone (meta.json is written last)
         meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
         if meta is None or meta.get("fingerprint") != shapes.fingerprint(cfg):
             meta_path.unlink(missing_ok=True)
             meta = shapes.write_split(out, cfg)
-        return {"source": "embedded", "n_rows": sum(meta["counts"].values()), "counts": meta["counts"],
-                "fingerprint": meta["fingerprint"]}
+        return meta
+
+    def _prepare_arrays(self, data_cfg: dict) -> dict:
+        meta = shapes.read_meta(data_cfg["path"])
+        splits = ("val", "test") if own_clip(data_cfg) else ("train", "val", "test")
+        counts = folder.check_arrays(data_cfg["path"], meta, splits)
+        held = counts["val"] + counts["test"]
+        checks = _checks({"images": sum(counts.values()), "clip_train": counts.get("train", 0), "held_out": held},
+                         notes=[f"arrays folder (meta.json + .npy): {counts}"])
+        return {"source": "path", "layout": "arrays", "path": str(data_cfg["path"]), "counts": counts,
+                "n_rows": sum(counts.values()), "fingerprint": meta.get("fingerprint"), "data_checks": checks}
+
+    def _prepare_images(self, data_cfg: dict, out: Path) -> dict:
+        captioned = has_captions(data_cfg)
+        tiny = not own_clip(data_cfg)
+        ready = folder.prepare_folder(data_cfg, out, train_clip=tiny, n_targets=int(data_cfg["n_targets"]),
+                                      batch_size=int(data_cfg["clip"]["train"]["batch_size"]))
+        ready = json.loads(json.dumps(ready))  # a copy: the cached one in meta.json stays as prepared
+        checks = ready["data_checks"]
+        if not captioned:
+            checks["warnings"].insert(0, f"no captions: the metric is the prompts' similarity to their image "
+                                         f"({SIMILARITY_METRIC}); the caption ratio is unavailable (add captions.csv "
+                                         f"with columns file,caption for it)")
+        if not captioned and tiny:
+            # a CLIP learns from captions: without any, the tiny CLIP learns the generated shapes instead
+            meta = self._generate_shapes(data_cfg, out / SHAPES_DIR)
+            checks["rows"]["clip_shapes"] = meta["counts"]["train"]
+            checks["warnings"].insert(1, f"no captions and no CLIP of your own: the tiny CLIP is trained on "
+                                         f"{meta['counts']['train']} generated images of coloured shapes and knows "
+                                         f"only shapes; for other images give data.clip: {{model: ..., checkpoint: "
+                                         f"/path/to/weights}}")
+        return ready
 
     def prepare_step(self, step: str, config: dict, out_dir: Path, threads: int) -> dict | None:
         """The `clip` step: the embedded tiny CLIP, trained on the prepared shapes into out_dir (where the
@@ -71,32 +144,45 @@ class PezTrainer(PezSpec):
             raise ValueError("data.clip names its own weights: there is no tiny CLIP to train")
         if out_dir.resolve() != tiny_clip_dir(config).resolve():
             raise ValueError(f"the tiny CLIP belongs in {tiny_clip_dir(config)} (where the searches look), not {out_dir}")
-        data_dir = data_root(config)  # the shapes: generated into prepared_dir, or the user's data.path
+        data_dir = clip_data_root(config)  # the captioned images (prepared or the user's arrays), or the shapes
         train = config["data"]["clip"]["train"]
         fingerprint = shapes.read_meta(data_dir)["fingerprint"]
         done = out_dir / "clip_metrics.json"
         if done.exists():
             old = json.loads(done.read_text())
-            if old.get("data_fingerprint") == fingerprint and all(old.get(k) == train[k] for k in train):
+            if old.get("data_fingerprint") == fingerprint and old.get("train_config") == train:
                 return None
             done.unlink()  # clip_metrics.json is written last: without it the directory is incomplete
+        trained_on = ("the generated shapes (the images have no captions)" if data_dir.name == SHAPES_DIR
+                      and layout(config["data"]) == "images" else None)
         metrics = train_tiny_clip(data_dir, out_dir, epochs=int(train["epochs"]), batch_size=int(train["batch_size"]),
-                                  lr=float(train["lr"]), seed=int(train["seed"]), threads=threads)
+                                  lr=float(train["lr"]), seed=int(train["seed"]), threads=threads,
+                                  trained_on=trained_on, train_config=train)
         r = metrics["retrieval_val_test"]
         return {
             "params": {"clip." + k: v for k, v in train.items()} | {"parameters": metrics["parameters"]},
             "metrics": {f"clip/{k}": v for k, v in r.items()} | {"clip/train_seconds": metrics["train_seconds"],
                                                                   "clip/final_train_loss": metrics["final_train_loss"]},
             "files": [done],
-            "message": (f"tiny CLIP: {metrics['parameters'] / 1e6:.1f}M parameters, {metrics['train_seconds']:.0f} s; "
+            "message": (f"tiny CLIP: {metrics['parameters'] / 1e6:.1f}M parameters, {metrics['steps']} steps of "
+                        f"{metrics['batch_size']}, {metrics['train_seconds']:.0f} s; "
                         f"held-out image->caption top-1 {r['image_to_caption_top1']:.3f}, top-5 "
                         f"{r['image_to_caption_top5']:.3f} ({r['n_images']} images)"),
         }
 
-    def _targets(self, config: dict, split: str) -> tuple[np.ndarray, list[str], list[str]]:
-        images, ids, captions = shapes.load_split(data_root(config), split)
+    def _targets(self, config: dict, split: str) -> tuple[np.ndarray, list[str], list[str] | None, list[str] | None]:
+        """(images, ids, captions or None without captions, the files they came from or None) of the first
+        data.n_targets images of split."""
+        root = images_root(config)
+        images, ids, captions = shapes.load_split(root, split)
+        if not len(ids):
+            raise ValueError(f"{root}: split {split!r} has no images to search prompts for (prepare the data again)")
         n = min(int(config["data"]["n_targets"]), len(ids))
-        return images[:n], ids[:n], captions[:n]
+        files_path = root / f"{split}_files.json"
+        files = json.loads(files_path.read_text()) if files_path.is_file() else None
+        captioned = shapes.read_meta(root).get("captioned", True)  # as prepared (the arrays layouts: always)
+        return (images[:n], ids[:n], captions[:n] if captioned else None,
+                [files[i] for i in ids[:n]] if files else None)
 
     # --- the CLIP -------------------------------------------------------------------------------
     @staticmethod
@@ -136,11 +222,13 @@ class PezTrainer(PezSpec):
 
         clip, only_ids = self._clip(config, device)
         model, tokenizer = clip.model, clip.tokenizer
-        images, ids, captions = self._targets(config, split)
+        images, ids, captions, files = self._targets(config, split)
         feats = self._image_features(model, images, device)  # [G, dim]
-        with torch.no_grad():
-            caption_feats = F.normalize(model.encode_text(tokenizer(captions).to(device)).float(), dim=-1)
-        caption_sim = (caption_feats * feats).sum(-1).tolist()
+        caption_sim = None  # images without captions: no ceiling, the similarity itself is the measure
+        if captions is not None:
+            with torch.no_grad():
+                caption_feats = F.normalize(model.encode_text(tokenizer(captions).to(device)).float(), dim=-1)
+            caption_sim = (caption_feats * feats).sum(-1).tolist()
         p = dict(config["pez"])
         cfg = PezConfig.of({**p, "seed": int(seed), "only_ids": only_ids, "eval_every": 1})
         vocab = Vocabulary(text_tower(model).token_embedding, tokenizer, cfg.blocklist, cfg.exclude_special,
@@ -151,7 +239,7 @@ class PezTrainer(PezSpec):
                                              vocabulary=vocab)  # [n, G]
         random_mean = float(random_scores.mean())
         random_best = float(random_scores.max(dim=0).values.mean())
-        caption_mean = sum(caption_sim) / len(caption_sim)
+        caption_mean = sum(caption_sim) / len(caption_sim) if caption_sim else None
 
         every = int(config["train"]["report_every"])
         n_groups = len(ids)
@@ -174,14 +262,16 @@ class PezTrainer(PezSpec):
             if step % every and step != cfg.iter * cfg.restarts:
                 return
             now = time.perf_counter()
-            ratios = [b / c for b, c in zip(best, caption_sim)]
             out = {
                 "step": step,
                 "train/loss": sum(window["loss"]) / len(window["loss"]),
                 "train/similarity": sum(window["current"]) / len(window["current"]),
                 f"{split}/similarity": sum(best) / n_groups,
-                f"{split}/caption_ratio": sum(ratios) / n_groups,
-                f"{split}/caption_similarity": caption_mean,
+            }
+            if caption_sim is not None:
+                out[f"{split}/caption_ratio"] = sum(b / c for b, c in zip(best, caption_sim)) / n_groups
+                out[f"{split}/caption_similarity"] = caption_mean
+            out |= {
                 f"{split}/random_similarity": random_mean,
                 f"{split}/random_best_similarity": random_best,
                 "lr": cfg.lr,
@@ -203,28 +293,33 @@ class PezTrainer(PezSpec):
         seconds = time.perf_counter() - t0
         targets = []
         for g, res in enumerate(results):
+            c = caption_sim[g] if caption_sim is not None else None
             targets.append({
-                "image_id": ids[g], "caption": captions[g], "prompt": res.prompt,
+                "image_id": ids[g], "caption": captions[g] if captions is not None else None, "prompt": res.prompt,
                 "similarity": res.similarity, "text_similarity": res.text_similarity,
-                "caption_similarity": caption_sim[g], "ratio": res.similarity / caption_sim[g],
-                "text_ratio": res.text_similarity / caption_sim[g],
-                "token_recovery": token_recovery(res.prompt, captions[g]),
+                "caption_similarity": c, "ratio": res.similarity / c if c else None,
+                "text_ratio": res.text_similarity / c if c else None,
+                "token_recovery": token_recovery(res.prompt, captions[g]) if captions is not None else None,
                 "random_similarity": float(random_scores[:, g].mean()),
                 "random_best_similarity": float(random_scores[:, g].max()),
                 "restart": res.restart, "ids": res.ids,
+                **({"file": files[g]} if files else {}),
             })
-        recovery = [t["token_recovery"] for t in targets if not math.isnan(t["token_recovery"])]
         mean = lambda key: sum(t[key] for t in targets) / len(targets)  # noqa: E731
         summary = {
-            f"{split}/caption_ratio": mean("ratio"), f"{split}/text_ratio": mean("text_ratio"),
             f"{split}/similarity": mean("similarity"), f"{split}/text_similarity": mean("text_similarity"),
-            f"{split}/caption_similarity": caption_mean, f"{split}/random_similarity": random_mean,
-            f"{split}/random_best_similarity": random_best,
-            f"{split}/random_ratio": sum(float(random_scores[:, g].mean()) / caption_sim[g]
-                                         for g in range(n_groups)) / n_groups,
-            f"{split}/token_recovery": sum(recovery) / len(recovery) if recovery else float("nan"),
+            f"{split}/random_similarity": random_mean, f"{split}/random_best_similarity": random_best,
             f"{split}/n": n_groups,
         }
+        if caption_sim is not None:
+            recovery = [t["token_recovery"] for t in targets if not math.isnan(t["token_recovery"])]
+            summary |= {
+                f"{split}/caption_ratio": mean("ratio"), f"{split}/text_ratio": mean("text_ratio"),
+                f"{split}/caption_similarity": caption_mean,
+                f"{split}/random_ratio": sum(float(random_scores[:, g].mean()) / caption_sim[g]
+                                             for g in range(n_groups)) / n_groups,
+                f"{split}/token_recovery": sum(recovery) / len(recovery) if recovery else float("nan"),
+            }
         return {"rows": rows, "targets": targets, "summary": summary, "seconds": seconds, "images": images,
                 "steps": results[0].steps, "stopped_early": results[0].stopped_early,
                 "steps_per_s": results[0].steps_per_s}
@@ -251,6 +346,10 @@ class PezTrainer(PezSpec):
         from tunewise.train.seed import seed_everything
 
         self.check_config(config)
+        if metric["name"].endswith("caption_ratio") and not has_captions(config["data"]):
+            # before any search: the metric needs captions these images do not have
+            raise ValueError(f"metric.name: {metric['name']} needs captions and {config['data']['path']} has none; "
+                             f"use {SIMILARITY_METRIC} (the default for images without captions)")
         seed_everything(seed)
         # a PEZ run is short and deterministic for its seed: an interrupted one starts again from step 0
         out = self._search(config, seed, "val", device, reporter=reporter, run=run, progress=progress)
