@@ -20,7 +20,7 @@ SOURCES = sorted((REPO / "src").rglob("*.py")) + sorted((REPO / "bench").rglob("
 
 # unquoted in a rule's shell line only where Snakemake itself guarantees an integer or a fixed word:
 # threads and resources are numbers; these wildcards are constrained to digits or an enumeration
-UNQUOTED_OK = {"threads", "resources.gpu", "wildcards.side", "wildcards.seed", "wildcards.trial", "wildcards.round"}
+UNQUOTED_OK = {"threads", "resources.gpu", "resources.attempt", "wildcards.side", "wildcards.seed", "wildcards.trial", "wildcards.round"}
 CONSTRAINTS = {"side": "baseline|optimized", "seed": r"\d+", "trial": r"\d+", "round": r"\d+"}
 
 
