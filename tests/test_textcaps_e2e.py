@@ -14,6 +14,8 @@ from e2e_support import snakemake
 pytestmark = pytest.mark.e2e
 
 BAD_LR = 0.01  # the trainer's default is 1e-3
+# small enough for CI, large enough that the 10x learning rate shows in the update ratio
+GENERATOR = {"n_train": 400, "n_val": 200, "n_test": 200, "image_size": 32}
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +24,7 @@ def workflow(tmp_path_factory):
     cfg = {"experiments": {"tc_bad_lr": {
         "trainer": "textcaps",
         "device": "cpu",
-        "data": {"source": "embedded", "generator": {"n_train": 800, "n_val": 400, "n_test": 400, "image_size": 32}},
+        "data": {"source": "embedded", "generator": GENERATOR},
         "baseline": {"optim": {"lr": BAD_LR}, "train": {"epochs": 8}},
         # the tiny data adds over/underfitting findings, so auto would choose a sweep: targeted keeps it short
         "optimize": {"strategy": "targeted", "max_recommendations": 2},
@@ -79,7 +81,7 @@ def test_reports_show_per_group_accuracy_from_the_run_files(workflow):
         assert f"](plots/{name})" in diag_text and (reports / "plots" / name).stat().st_size > 5000
     confusion = json.loads((res / "baseline" / "confusion_val.json").read_text())
     assert sorted(int(s) for s in confusion["steps"]) == list(range(1, base["epochs_run"] + 1))
-    assert sum(map(sum, confusion["steps"][str(base["best_step"])])) == 400  # every validation image once
+    assert sum(map(sum, confusion["steps"][str(base["best_step"])])) == GENERATOR["n_val"]  # every validation image once
 
     opt_text = (reports / "optimization_results.md").read_text()
     assert "## Per-group accuracy" in opt_text and "| group | baseline | optimized |" in opt_text
@@ -90,7 +92,7 @@ def test_reports_show_per_group_accuracy_from_the_run_files(workflow):
     for group in ("majority", "minority"):
         assert float(_cell(final_text, group)[1]) == pytest.approx(final["test"][f"test/acc/{group}"], abs=5e-4)
     test_confusion = json.loads((res / "final" / "test" / "confusion_test.json").read_text())
-    assert sum(map(sum, test_confusion["matrix"])) == final["test"]["test/n"] == 400
+    assert sum(map(sum, test_confusion["matrix"])) == final["test"]["test/n"] == GENERATOR["n_test"]
     assert "(test)" in final_text and (reports / "plots" / "final_confusion.png").exists()
     assert "confusion" not in final["test"]  # a table, not a metric
 
