@@ -20,7 +20,7 @@ def workflow(tmp_path_factory):
     cfg = {"experiments": {"pez_tiny": {
         "trainer": "pez",
         "device": "cpu",
-        "data": {"source": "embedded", "generator": {"n_train": 1200, "n_val": 40, "n_test": 40},
+        "data": {"source": "embedded", "generator": {"n_train": 600, "n_val": 40, "n_test": 40},
                  "n_targets": 8, "clip": {"train": {"epochs": 3, "batch_size": 64}}},
         "baseline": {"pez": {"lr": 0.01, "iter": 20, "prompt_len": 6}, "train": {"report_every": 2, "random_prompts": 16}},
         # a sweep over the trainer's space (pez.lr, weight_decay, prompt_len, prompt_bs), pruned in PEZ steps
