@@ -225,3 +225,26 @@ def test_leakage_is_found_at_any_scale():
     x = np.stack([y * 3.0, rng.normal(size=50), np.zeros(50)], axis=1)
     r = _correlations(x, y)
     assert r[0] == pytest.approx(1.0) and abs(r[1]) < 0.5 and np.isnan(r[2])
+
+
+@pytest.mark.parametrize("sep, decimal", [(";", ","), (";", "."), ("\t", ".")])
+def test_a_spreadsheet_export_with_another_separator_reads_as_the_comma_csv(tmp_path, sep, decimal):
+    table = descriptor_table()
+    comma = tmp_path / "comma.csv"
+    table.to_csv(comma, index=False)
+    other = tmp_path / "other.csv"  # what Excel writes in a locale whose list separator is ';'
+    table.to_csv(other, index=False, sep=sep, decimal=decimal)
+    a = prepare(cfg_for(comma, id_column="name"), tmp_path / "a")
+    b = prepare(cfg_for(other, id_column="name"), tmp_path / "b")
+    assert b["descriptor_columns"] == a["descriptor_columns"] == ["d1", "d2", "d3"]
+    assert b["data_checks"]["rows"] == a["data_checks"]["rows"]
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "b" / "table.parquet"),
+                                  pd.read_parquet(tmp_path / "a" / "table.parquet"))
+
+
+def test_the_default_design_objective_on_a_table_without_it_says_what_to_set():
+    from tunewise.trainers.latent.design_settings import check_design_config, resolve_design_config
+
+    with pytest.raises(ValueError, match=r"'PF_p' is not a target column \(band_gap, bulk_modulus\) \(it is the "
+                                         r"default objective: set design.objectives, e.g. \[\{task: band_gap"):
+        check_design_config(resolve_design_config(None), FORMULA_TARGETS)

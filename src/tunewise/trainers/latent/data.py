@@ -343,6 +343,18 @@ def _sniffed_format(path: Path) -> str | None:
     return kind
 
 
+def _other_separator(path: Path, frame: pd.DataFrame) -> pd.DataFrame:
+    """A one-column read whose header holds ';' or a tab: a spreadsheet's export in a locale whose CSV separator
+    is not the comma (';' usually with decimal commas, 1,25). Read again with that separator (and decimal commas
+    where they make more columns numeric) instead of reporting the targets as missing."""
+    header = str(frame.columns[0])
+    sep = ";" if ";" in header else "\t" if "\t" in header else None
+    if sep is None:
+        return frame
+    tries = [pd.read_csv(path, sep=sep)] + ([pd.read_csv(path, sep=sep, decimal=",")] if sep == ";" else [])
+    return max(tries, key=lambda f: len(f.select_dtypes("number").columns))
+
+
 def _read_user_file(path: Path) -> pd.DataFrame:
     """The user's table; a file pandas cannot read becomes a ValueError naming it and why."""
     name = path.name.lower()
@@ -367,6 +379,8 @@ def _read_user_file(path: Path) -> pd.DataFrame:
     except (OSError, ArithmeticError) as e:
         # pyarrow's errors for a damaged parquet file derive from these
         raise ValueError(f"data.path: {path}: cannot be read ({type(e).__name__}: {e})") from None
+    if is_csv and len(frame.columns) == 1:
+        frame = _other_separator(path, frame)
     if len(frame) == 0:
         # caught here: an empty table would otherwise surface as "targets are not numeric" (empty columns are text)
         raise ValueError(f"data.path: {path}: has a header ({len(frame.columns)} columns) but no rows")

@@ -61,7 +61,11 @@ def check_design_config(cfg: dict, targets: Sequence[str]) -> None:
         if unknown:
             raise ValueError(f"{where}.objectives[{i}]: unknown key(s) {sorted(unknown)} (task, mode, weight, target)")
         if o["task"] not in targets:
-            raise ValueError(f"{where}.objectives[{i}].task: {o['task']!r} is not a target column ({', '.join(targets)})")
+            default = cfg["objectives"] == DEFAULT_DESIGN["objectives"]
+            hint = (f" (it is the default objective: set design.objectives, e.g. [{{task: {targets[0]}, mode: max}}], "
+                    "or design: {enabled: false})") if default and targets else ""
+            raise ValueError(f"{where}.objectives[{i}].task: {o['task']!r} is not a target column ({', '.join(targets)})"
+                             f"{hint}")
         mode = o.get("mode", "max")
         if mode not in MODES:
             raise ValueError(f"{where}.objectives[{i}].mode: expected one of {', '.join(MODES)}, got {mode!r}")
