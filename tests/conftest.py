@@ -23,10 +23,10 @@ def repo() -> Path:
 # first, or one of them starts last and the other worker idles while it runs. xdist's own reordering sorts files
 # by their NUMBER of tests, which puts the e2e files (few tests, minutes each) last; so it is turned off and the
 # e2e files come first, longest first (CI's --durations), then every other file in its usual order.
-E2E_LONGEST_FIRST = ["test_textcaps_e2e.py", "test_pez_e2e.py", "test_kills_e2e.py", "test_workflow_e2e.py",
-                     "test_slurm_e2e.py", "test_sweep_e2e.py", "test_iterative_e2e.py", "test_trainer_capabilities_e2e.py",
-                     "test_example_e2e.py",
-                     "test_faults_e2e.py"]
+E2E_LONGEST_FIRST = ["test_kills_e2e.py", "test_sweep_e2e.py", "test_iterative_e2e.py", "test_pez_user_data_e2e.py",
+                     "test_slurm_e2e.py", "test_pez_e2e.py", "test_textcaps_e2e.py", "test_textcaps_user_data_e2e.py",
+                     "test_faults_e2e.py", "test_trainer_capabilities_e2e.py", "test_latent_user_data_e2e.py",
+                     "test_example_e2e.py", "test_workflow_e2e.py"]
 
 
 def pytest_configure(config):

@@ -340,3 +340,21 @@ def test_train_killed_hard_and_started_again_resumes_to_the_uninterrupted_result
     assert [r.info.run_id for r in runs] == [info["mlflow_run_id"]] and runs[0].info.status == "FINISHED"
     for key in ("train/loss", "val/loss", "val/neg_mse", "lr", "grad_norm"):
         assert _steps(client, info["mlflow_run_id"], key) == list(range(1, epochs + 1)), key
+
+
+def test_a_failure_on_input_stops_the_retries_of_that_job_only_until_the_next_workflow_run(tmp_path, monkeypatch):
+    from tunewise.retries import earlier_input_error, record_input_error
+
+    monkeypatch.chdir(tmp_path)
+    job = ["train", "--run-dir", "results/x/baseline", "--attempt", "1"]
+    retry = [*job[:-1], "2"]
+    other = ["train", "--run-dir", "results/x/seeds/baseline/seed1", "--attempt=2"]
+    assert earlier_input_error("train", job, 1) is None and earlier_input_error("train", retry, 2) is None
+    record_input_error("train", job, "ValueError: column x: 3 rows are text")
+    # Snakemake's retries of that job (attempt 2, 3) stop with the first message; another job is not concerned
+    assert earlier_input_error("train", retry, 2) == "ValueError: column x: 3 rows are text"
+    assert earlier_input_error("train", [*job[:-1], "3"], 3) == "ValueError: column x: 3 rows are text"
+    assert earlier_input_error("train", other, 2) is None
+    # the next run of the workflow starts the job at attempt 1: it tries again, and forgets the failure
+    assert earlier_input_error("train", job, 1) is None
+    assert earlier_input_error("train", retry, 2) is None
