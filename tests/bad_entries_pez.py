@@ -19,16 +19,9 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pytest
 import yaml
 
-
-def _raised(fn, *args):
-    try:
-        fn(*args)
-    except Exception as e:  # the type is the assertion: the caller compares it with the manifest
-        return e
-    pytest.fail("the bad input was accepted")
+from bad_support import raised
 
 
 def _refused(tmp_path: Path, data_path: Path, extra: dict | None = None):
@@ -52,7 +45,7 @@ def _refused(tmp_path: Path, data_path: Path, extra: dict | None = None):
     assert main(resolve) == 0
     ready = exp_file.parent / "data" / "ready.json"
     args = build_parser().parse_args(["prepare-data", "--experiment-file", str(exp_file), "--out", str(ready)])
-    error = _raised(args.func, args)
+    error = raised(args.func, args)
     data_dir = ready.parent
     assert not ready.exists() and not (data_dir / "meta.json").exists()
     assert not (data_dir / "clip" / "clip_metrics.json").exists()  # refused before any CLIP trains

@@ -7,18 +7,10 @@ import os
 import shutil
 from pathlib import Path
 
-import pytest
 import yaml
 
+from bad_support import raised
 from tunewise.cli import build_parser, main
-
-
-def _raised(fn, *args):
-    try:
-        fn(*args)
-    except Exception as e:  # the type is the assertion: the caller compares it with the manifest
-        return e
-    pytest.fail("the bad input was accepted")
 
 
 def _copy(tmp_path: Path, case: Path) -> Path:
@@ -39,7 +31,7 @@ def _assert_not_called_missing(error: Exception) -> None:
 def _validate(config: dict):
     from tunewise.experiment import validate
 
-    error = _raised(validate, config)
+    error = raised(validate, config)
     _assert_not_called_missing(error)
     return error
 
@@ -53,7 +45,7 @@ def _prepare(tmp_path: Path, config: dict):
     assert main(["resolve", "--config", str(path), "--experiment", "tc", "--out", str(exp_file)]) == 0
     ready = exp_file.parent / "data" / "ready.json"
     args = build_parser().parse_args(["prepare-data", "--experiment-file", str(exp_file), "--out", str(ready)])
-    error = _raised(args.func, args)
+    error = raised(args.func, args)
     data_dir = ready.parent
     assert not ready.exists()
     if data_dir.exists():

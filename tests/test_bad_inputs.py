@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bad_support import raised
 from e2e_support import env
 from tunewise.cli import build_parser, main
 
@@ -62,14 +63,6 @@ def test_manifest_covers_every_file_once_with_twenty_or_more_cases():
 # --- entry points (each returns the exception the input raised) ---------------------------------------------
 
 
-def _raised(fn, *args):
-    try:
-        fn(*args)
-    except Exception as e:  # the type is the assertion: the caller compares it with the manifest
-        return e
-    pytest.fail("the bad input was accepted")
-
-
 def _resolve(tmp_path: Path, config: dict, name: str) -> Path:
     """`tunewise resolve` of one experiment, as the workflow's first rule runs it; returns experiment.yaml."""
     path = tmp_path / "config.yaml"
@@ -95,7 +88,7 @@ def _textcaps_root(tmp_path: Path, file: Path) -> Path:
 def _prepare(exp_file: Path):
     ready = exp_file.parent / "data" / "ready.json"
     args = build_parser().parse_args(["prepare-data", "--experiment-file", str(exp_file), "--out", str(ready)])
-    error = _raised(args.func, args)
+    error = raised(args.func, args)
     # nothing that marks the data as ready: no ready.json (the rule's output), no meta.json (the table's marker),
     # no temporary file left behind
     data_dir = ready.parent
@@ -111,7 +104,7 @@ def _config(tmp_path, monkeypatch, file: Path):
     from tunewise.experiment import validate
 
     monkeypatch.chdir(REPO)  # a config's relative paths start where the workflow runs
-    return _raised(lambda: validate(load_yaml(file)))
+    return raised(lambda: validate(load_yaml(file)))
 
 
 def _latent_prepare(tmp_path, monkeypatch, file: Path):
@@ -128,7 +121,7 @@ def _textcaps_prepare(tmp_path, monkeypatch, file: Path):
 def _textcaps_load(tmp_path, monkeypatch, file: Path):
     from tunewise.trainers.textcaps.data import load_split
 
-    return _raised(load_split, _textcaps_root(tmp_path, file), "train", {})
+    return raised(load_split, _textcaps_root(tmp_path, file), "train", {})
 
 
 def _pez_resolve(tmp_path, monkeypatch, file: Path):
@@ -138,7 +131,7 @@ def _pez_resolve(tmp_path, monkeypatch, file: Path):
     data.mkdir()
     shutil.copyfile(file, data / "meta.json")
     config = {"experiments": {"p": {"trainer": "pez", "data": {"source": "path", "path": str(data)}}}}
-    error = _raised(validate, config)
+    error = raised(validate, config)
     # `tunewise resolve`, the workflow's first job, refuses it too and writes no experiment.yaml
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -151,7 +144,7 @@ def _pez_resolve(tmp_path, monkeypatch, file: Path):
 def _checkpoint(tmp_path, monkeypatch, file: Path):
     from tunewise.runs import load_checkpoint
 
-    return _raised(load_checkpoint, file)
+    return raised(load_checkpoint, file)
 
 
 def _train_resume(tmp_path, monkeypatch, file: Path):
@@ -166,7 +159,7 @@ def _train_resume(tmp_path, monkeypatch, file: Path):
     shutil.copyfile(file, run.checkpoints / "last.pt")
     argv = ["train", "--experiment-file", str(exp_file), "--run-dir", str(run.path), "--threads", "1"]
     args = build_parser().parse_args(argv)
-    error = _raised(args.func, args)
+    error = raised(args.func, args)
     # the run ends failed, with the file named, and nothing that reads as a finished run
     info = run.info()
     assert info["status"] == "failed" and info["status"] not in FINISHED
