@@ -61,7 +61,7 @@ def test_a_builtin_trainer_is_its_spec_plus_training(name):
 
 SRC = __import__("pathlib").Path(__file__).resolve().parents[1] / "src"
 LAYERS = {  # a module may import its own layer and the layers below, never one above
-    "tunewise": 0, "runs": 0, "config": 0, "space": 0, "devices": 0, "tracking": 0, "thresholds": 0, "retries": 0,
+    "tunewise": 0, "runs": 0, "config": 0, "space": 0, "devices": 0, "tracking": 0, "thresholds": 0, "retries": 0, "paths": 0,
     "train": 1, "trainers": 1,
     "experiment": 2,
     "phases": 3,

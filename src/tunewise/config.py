@@ -100,29 +100,21 @@ def _safe_load_unique(stream) -> Any:
         loader.dispose()
 
 
-def symlink_problem(path: Path) -> str:
-    """Why a path that `exists()` calls missing is missing when it is a symlink: a loop, or a dangling link."""
-    if not path.is_symlink():
-        return ""
-    try:
-        path.resolve(strict=True)
-    except RuntimeError:
-        return " (a symlink loop: it links back to itself)"
-    except OSError as e:
-        if e.errno == 40:  # ELOOP
-            return " (a symlink loop: it links back to itself)"
-    return f" (a symlink to {os.readlink(path)}, which does not exist)"
-
-
 def load_yaml(path: str | os.PathLike) -> Any:
+    from tunewise.paths import path_kind
+
     path = Path(path)
     try:
-        kind = "a directory" if path.is_dir() else None if path.exists() else "not found"
-    except OSError as e:  # a symlink loop, a path component that is a file
+        kind = path_kind(path)
+    except OSError as e:  # a path component that is a file, no permission
         raise ConfigError(f"{path}: cannot be read as a config file: {e.strerror}") from None
-    if kind == "not found":
-        raise ConfigError(f"config file not found: {path}{symlink_problem(path)}")
-    if kind:
+    if kind == "missing":
+        raise ConfigError(f"config file not found: {path}")
+    if kind == "dangling":
+        raise ConfigError(f"config file not found: {path} (a symlink to {os.readlink(path)}, which does not exist)")
+    if kind == "loop":
+        raise ConfigError(f"config file not found: {path} (a symlink loop: it links back to itself)")
+    if kind == "folder":
         raise ConfigError(f"{path}: is a directory, not a config file (give the YAML file in it, e.g. "
                           f"{path / 'config.yaml'})")
     try:

@@ -17,7 +17,6 @@ and constant targets, too few rows for the split and files that are not a table 
 from __future__ import annotations
 
 import copy
-import errno
 import hashlib
 import json
 import logging
@@ -33,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from tunewise.paths import path_kind
 from tunewise.runs import write_json
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: `prepare` never needs it
@@ -303,17 +303,15 @@ def _ids_and_formulas(frame: pd.DataFrame, id_col: str | None, formula_col: str 
 def check_table_path(path: Path) -> None:
     """data.path must be one readable file: a directory, a missing file or a symlink that leads nowhere (a loop)
     is named as such here, at the config check, instead of as an unreadable CSV later."""
-    if path.is_symlink() and not path.exists():
-        try:
-            os.stat(path)
-        except OSError as e:
-            if e.errno == errno.ELOOP:
-                raise ValueError(f"data.path: {path} is a symlink loop (it points back to itself); "
-                                 "point data.path at the table file itself") from None
+    kind = path_kind(path)
+    if kind == "loop":
+        raise ValueError(f"data.path: {path} is a symlink loop (it points back to itself); "
+                         "point data.path at the table file itself")
+    if kind == "dangling":
         raise FileNotFoundError(f"data.path: {path} is a symlink to a file that does not exist ({os.readlink(path)})")
-    if path.is_dir():
+    if kind == "folder":
         raise ValueError(f"data.path: {path} is a directory; expected a CSV or parquet file (name the table file in it)")
-    if not path.exists():
+    if kind == "missing":
         raise FileNotFoundError(f"data.path: file not found: {path}")
 
 

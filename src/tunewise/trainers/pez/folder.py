@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tunewise.paths import path_kind
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 CAPTION_FILES = ("captions.csv", "captions.json")  # looked up in DIR when data.captions is not given
 MIN_SIDE = 8  # pixels: smaller images carry no content a CLIP can see (a 1x1 thumbnail, a tracking pixel)
@@ -60,11 +62,12 @@ def find_captions(folder: str | Path, name: str | None) -> Path | None:
 def check_folder(path: str | Path) -> Path:
     """data.path as a folder pez can read, or an error saying what it is instead."""
     p = Path(path)
-    if p.is_symlink() and not p.exists():
+    kind = path_kind(p)
+    if kind in ("dangling", "loop"):
         raise FileNotFoundError(f"data.path: {p} is a broken symlink or a symlink loop; point it at a folder")
-    if not p.exists():
+    if kind == "missing":
         raise FileNotFoundError(f"data.path: {p} not found (a folder of images, or a shapes folder with meta.json)")
-    if not p.is_dir():
+    if kind == "file":
         raise ValueError(f"data.path: {p} is a file; pez reads a folder of images (png/jpg/jpeg/webp, with an "
                          f"optional captions.csv) or a shapes folder with meta.json: give its folder")
     return p

@@ -4,10 +4,9 @@ the text alphabet. Torch-free, so that validating a config does not import torch
 from __future__ import annotations
 
 import copy
-import errno
-import os
-import stat
 from pathlib import Path
+
+from tunewise.paths import path_kind
 
 CLASSES = ("Bottle", "Book", "Car", "Building", "Food", "Clothing", "Person", "Poster", "Mobile phone", "Tree")
 N_CLASSES = len(CLASSES)
@@ -142,15 +141,14 @@ def check_folder(path, key: str = "data.path") -> Path:
     False for a loop, which used to read as 'not found' for a path the user can see."""
     path = Path(path)
     try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{key}: not found: {path}") from None
+        kind = path_kind(path)
     except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise ValueError(f"{key}: {path} is a symlink loop (it resolves to itself); point it at the real folder") \
-                from None
         raise ValueError(f"{key}: {path} cannot be read ({e.strerror})") from None
-    if not stat.S_ISDIR(st.st_mode):
+    if kind in ("missing", "dangling"):
+        raise FileNotFoundError(f"{key}: not found: {path}")
+    if kind == "loop":
+        raise ValueError(f"{key}: {path} is a symlink loop (it resolves to itself); point it at the real folder")
+    if kind == "file":
         raise ValueError(f"{key}: {path} is a file, not a folder; point {key} at the folder that holds "
                          f"{annotation_name('train')} (or the parquet files)")
     return path
