@@ -57,11 +57,25 @@ def _check_against_defaults(values: dict, defaults: dict, where: str, open_keys:
         default, is_open = defaults[key], rel in open_keys
         # an open mapping must still be a mapping; an open scalar may take any shape
         if not _type_ok(default, value) and not (is_open and not isinstance(default, dict)):
-            expected = "number" if isinstance(default, float) else type(default).__name__
-            raise ConfigError(f"{dotted}: expected {expected}, got {type(value).__name__} {value!r}"
-                              f"{yaml11_float_hint(value)}")
+            raise _type_error(dotted, default, value)
         if isinstance(default, dict) and isinstance(value, dict) and default and not is_open:
             _check_against_defaults(value, default, dotted, open_keys, rel)
+
+
+def _type_error(at: str, default: Any, value: Any) -> ConfigError:
+    expected = "number" if isinstance(default, float) else type(default).__name__
+    return ConfigError(f"{at}: expected {expected}, got {type(value).__name__} {value!r}{yaml11_float_hint(value)}")
+
+
+def _config_value(resolved: dict, key: str, at: str, trainer: str, what: str) -> Any:
+    """The value of dotted `key` in the trainer's resolved config, or an error naming the closest key there."""
+    try:
+        return get_dotted(resolved, key)
+    except KeyError:
+        close = difflib.get_close_matches(key, _leaf_keys(resolved), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(f"{at}: not a key of the {trainer} trainer's config ({hint}{what} are dotted config keys "
+                          f"such as optim.lr)") from None
 
 
 def _check_sweep_space(exp: dict, trainer: Any, resolved: dict, where: str) -> None:
@@ -80,16 +94,8 @@ def _check_sweep_space(exp: dict, trainer: Any, resolved: dict, where: str) -> N
     for key, spec in overrides.items():
         if spec is None or any(key.startswith(k + ".") for k in open_keys):
             continue
-        try:
-            get_dotted(resolved, key)
-        except KeyError:
-            # trial_config would create the key, and the trainer would never read it: a sweep of nothing
-            close = difflib.get_close_matches(key, _leaf_keys(resolved), n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise ConfigError(
-                f"{where}.optimize.sweep.space.{key}: not a key of the {exp['trainer']} trainer's config "
-                f"({hint}sweep parameters are dotted config keys such as optim.lr)"
-            ) from None
+        # trial_config would create a missing key, and the trainer would never read it: a sweep of nothing
+        _config_value(resolved, key, f"{where}.optimize.sweep.space.{key}", exp["trainer"], "sweep parameters")
 
 
 def _check_numbers(value: Any, where: str) -> None:
@@ -127,19 +133,11 @@ def _check_overrides(exp: dict, trainer: Any, resolved: dict, where: str) -> Non
     for key, value in overrides.items():
         at = f"{where}.optimize.overrides.{key}"
         if not any(key == k or key.startswith(k + ".") for k in open_keys):
-            try:
-                old = get_dotted(resolved, key)
-            except KeyError:
-                close = difflib.get_close_matches(key, _leaf_keys(resolved), n=1)
-                hint = f"did you mean {close[0]!r}? " if close else ""
-                raise ConfigError(f"{at}: not a key of the {exp['trainer']} trainer's config ({hint}overrides are "
-                                  f"dotted config keys such as optim.lr)") from None
+            old = _config_value(resolved, key, at, exp["trainer"], "overrides")
             if isinstance(old, dict) and not isinstance(value, dict):
                 raise ConfigError(f"{at}: {key} is a block of settings ({', '.join(sorted(old))}); name one of them")
             if not _type_ok(old, value):
-                expected = "number" if isinstance(old, float) else type(old).__name__
-                raise ConfigError(f"{at}: expected {expected}, got {type(value).__name__} {value!r}"
-                                  f"{yaml11_float_hint(value)}")
+                raise _type_error(at, old, value)
         set_dotted(patched, key, value)
     _check_learning_rates(patched, f"{where}.optimize.overrides")
     try:
