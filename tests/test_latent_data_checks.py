@@ -248,3 +248,13 @@ def test_the_default_design_objective_on_a_table_without_it_says_what_to_set():
     with pytest.raises(ValueError, match=r"'PF_p' is not a target column \(band_gap, bulk_modulus\) \(it is the "
                                          r"default objective: set design.objectives, e.g. \[\{task: band_gap"):
         check_design_config(resolve_design_config(None), FORMULA_TARGETS)
+
+
+def test_a_formula_given_twice_is_warned_about_since_its_copies_straddle_the_split(tmp_path):
+    table = pd.DataFrame({"formula": ["Si", "Ge", "GaAs", "Si", "PbTe", "Si", "GaAs"] + [f"Mg{i}Si" for i in range(1, 60)],
+                          "band_gap": np.linspace(0.1, 3.0, 66), "bulk_modulus": np.linspace(20.0, 200.0, 66)})
+    path = tmp_path / "t.csv"
+    table.to_csv(path, index=False)
+    warnings = prepare(cfg_for(path), tmp_path / "prep")["data_checks"]["warnings"]
+    (repeated,) = [w for w in warnings if "occur more than once" in w]
+    assert "2 formulas occur more than once (Si x3, GaAs x2)" in repeated and "optimistic" in repeated

@@ -452,6 +452,19 @@ def _choose_descriptors(raw: pd.DataFrame, cfg: dict, source: str, checks: DataC
     return descriptor_columns, formula_col
 
 
+def _warn_repeated_formulas(formulas: pd.Series, where: str, checks: DataChecks) -> None:
+    """Magpie describes the composition only: rows of one formula (repeated measurements, polymorphs) have the same
+    inputs, and the random split puts copies of one compound in training and in validation, so the validation
+    score says how well the model remembers compounds rather than how it does on new ones."""
+    counts = formulas.value_counts()
+    repeated = counts[counts > 1]
+    if len(repeated):
+        shown = ", ".join(f"{f} x{n}" for f, n in repeated.head(N_EXAMPLES).items())
+        checks.warn(f"{where}: {len(repeated)} formulas occur more than once ({shown}); their rows have identical "
+                    "Magpie descriptors and the random split puts copies of one compound in training and validation, "
+                    "so validation scores are optimistic: keep one row per compound (e.g. average its targets)")
+
+
 def _magpie_descriptors(formulas: pd.Series, ids: pd.Series, where: str, checks: DataChecks) -> tuple[pd.DataFrame, np.ndarray]:
     """The 132 Magpie descriptors of each formula (the embedded data's, by the same featurize()) and the mask of
     rows that have them; empty, unparsable and unfeaturisable formulas are counted apart."""
@@ -564,6 +577,7 @@ def _user_table(cfg: dict, checks: DataChecks) -> pd.DataFrame:
     raw = raw.reset_index(drop=True)
     if descriptor_columns is None:
         descriptors, ok = _magpie_descriptors(formulas, ids, f"{source} column {formula_col}", checks)
+        _warn_repeated_formulas(formulas[ok], f"{source} column {formula_col}", checks)
     else:
         descriptors = _drop_duplicate_columns(raw[descriptor_columns].astype("float64"), source, checks)
         ok = _finite_descriptor_rows(descriptors, ids, source, checks)
