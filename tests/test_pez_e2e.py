@@ -26,6 +26,7 @@ def workflow(tmp_path_factory):
         # a sweep over the trainer's space (pez.lr, weight_decay, prompt_len, prompt_bs), pruned in PEZ steps
         "optimize": {"strategy": "sweep", "sweep": {"n_trials": 3, "sampler": "random", "pruner": "median"}},
         "significance": {"seeds": 2, "n_boot": 200},
+        "finalize": {"max_iterations": 0},  # one round: the loop is test_loop_e2e's
         "resources": {"threads": 1, "mem_mb": 2000, "runtime": 10},
     }}}
     (work / "config.yaml").write_text(yaml.safe_dump(cfg))

@@ -59,6 +59,7 @@ def _config(tmp_path: Path) -> Path:
         # slow enough (0.5 s an epoch) for the test to requeue the job between two epochs
         "baseline": {"train": {"epochs": TOY_EPOCHS, "sleep": 0.5}},
         "resources": {"threads": 1, "mem_mb": 500, "runtime": 5},
+        "finalize": {"max_iterations": 0},  # one optimization round: the loop is test_loop_e2e's
     }
     path = tmp_path / "slurm_test.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))

@@ -29,6 +29,7 @@ def workflow(tmp_path_factory):
         # the tiny data adds over/underfitting findings, so auto would choose a sweep: targeted keeps it short
         "optimize": {"strategy": "targeted", "max_recommendations": 2},
         "significance": {"seeds": 2, "n_boot": 200},
+        "finalize": {"max_iterations": 0},  # one round: the loop is test_loop_e2e's
         "resources": {"threads": 1, "mem_mb": 2000, "runtime": 10},
     }}}
     (work / "config.yaml").write_text(yaml.safe_dump(cfg))

@@ -82,12 +82,12 @@ def cmd_train(args) -> None:
 
 
 def cmd_diagnose(args) -> None:
+    from tunewise.phases.data import ready_path
     from tunewise.phases.diagnose import diagnose_run
     from tunewise.reports.render import write_diagnostic_report
 
-    reports_dir = Path(args.reports_dir)
-    diagnose_run(_experiment(args), args.run_dir, args.out_dir, rule=args.rule,
-                 data_ready=_exp_dir(args) / "data" / "ready.json",
+    reports_dir, exp = Path(args.reports_dir), _experiment(args)
+    diagnose_run(exp, args.run_dir, args.out_dir, rule=args.rule, data_ready=ready_path(exp),
                  report=lambda diagnosis, run_dir: write_diagnostic_report(diagnosis, run_dir, reports_dir))
 
 
@@ -124,11 +124,29 @@ def cmd_significance(args) -> None:
     diagnosis, reports_dir = Path(args.diagnosis), Path(args.reports_dir)
 
     def report(significance: Path, decision: Path, baseline_run: Path, optimize_run: Path | None, extra: dict):
+        # this round's page; conclude gathers the rounds into optimization_results.md
         return write_optimization_results(significance, decision, diagnosis, baseline_run, optimize_run,
-                                          reports_dir, **extra)
+                                          reports_dir, name="round_results.md", **extra)
 
     judge(_experiment(args), _exp_dir(args), diagnosis, args.baseline_runs, args.optimized_runs, Path(args.out_dir),
           optimize_run=args.optimize_run, report=report, rule=args.rule)
+
+
+def cmd_next_round(args) -> None:
+    """The experiment.yaml of the round after this one (seed 004's loop: B or C said go on)."""
+    from tunewise.phases.rounds import write_next_experiment
+
+    write_next_experiment(_experiment(args), _exp_dir(args), Path(args.decision), Path(args.out))
+
+
+def cmd_conclude(args) -> None:
+    """The loop's conclusion: loop.json, the final decision, optimization_results.md over the rounds."""
+    from tunewise.phases.rounds import conclude
+    from tunewise.reports.rounds import write_rounds_report
+
+    reports_dir = Path(args.reports_dir)
+    conclude(_experiment(args), _exp_dir(args), args.rounds, Path(args.out_dir), rule=args.rule,
+             report=lambda loop: write_rounds_report(loop, reports_dir))
 
 
 def cmd_gate(args) -> None:
@@ -144,7 +162,7 @@ def cmd_finalize(args) -> None:
     from tunewise.reports.render import write_final_report
 
     decision, reports_dir = Path(args.decision), Path(args.reports_dir)
-    finalize(_experiment(args), _exp_dir(args), decision, Path(args.baseline_config), Path(args.optimized_config),
+    finalize(_experiment(args), _exp_dir(args), decision, args.baseline_config, args.optimized_config,
              Path(args.out_dir), report=lambda final: write_final_report(final, decision, reports_dir),
              threads=args.threads, rule=args.rule)
 
@@ -298,6 +316,19 @@ def _decision_verbs(sub) -> None:
     p.add_argument("--reports-dir", required=True)
     p.set_defaults(func=cmd_significance)
 
+    p = sub.add_parser("next-round", help="seed 004's loop: the next round's experiment.yaml after a B or C decision")
+    _common(p)
+    p.add_argument("--decision", required=True, help="this round's significance/decision.json")
+    p.add_argument("--out", required=True, help="results/<exp>/round<r+1>/experiment.yaml")
+    p.set_defaults(func=cmd_next_round)
+
+    p = sub.add_parser("conclude", help="seed 004's loop: the rounds' conclusion, the config Phase 5 finalizes")
+    _common(p)
+    p.add_argument("--rounds", nargs="+", required=True, help="the round folders in order: results/<exp> results/<exp>/round2 ...")
+    p.add_argument("--out-dir", required=True, help="results/<exp>/loop")
+    p.add_argument("--reports-dir", required=True)
+    p.set_defaults(func=cmd_conclude)
+
     p = sub.add_parser("gate", help="render a checklist from checks; fail on an unticked required box")
     _common(p)
     p.add_argument("--name", required=True, choices=["diagnostics", "optimization_complete"])
@@ -309,8 +340,8 @@ def _decision_verbs(sub) -> None:
     p = sub.add_parser("finalize", help="Phase 5: final training, test split once, final checkpoints")
     _common(p)
     p.add_argument("--decision", required=True)
-    p.add_argument("--baseline-config", required=True)
-    p.add_argument("--optimized-config", required=True)
+    p.add_argument("--baseline-config", help="with a single round's decision.json: the baseline config")
+    p.add_argument("--optimized-config", help="with a single round's decision.json: the optimized config")
     p.add_argument("--out-dir", required=True)
     p.add_argument("--reports-dir", required=True)
     p.add_argument("--threads", type=int)

@@ -1,4 +1,6 @@
 rule train_baseline:
+    wildcard_constraints:
+        exp=BASE_EXP,
     input:
         exp="results/{exp}/experiment.yaml",
         data=data_ready,

@@ -1,8 +1,9 @@
 # Paths, resources and input functions shared by every rule.
 import json
 import os
+import re
 
-from snakemake.exceptions import WorkflowError
+from snakemake.exceptions import IncompleteCheckpointException, WorkflowError
 
 from tunewise.config import ConfigError, load_yaml
 from tunewise.experiment import design_enabled, preparation_steps, resolve_experiment, validate
@@ -31,8 +32,14 @@ PREPARATION_STEPS = {e: preparation_steps(resolve_experiment(config, e)) for e i
 CONDA_ENV = os.path.join(workflow.basedir, "environment.yml")
 
 
+# an experiment's name; `exp` also matches its later optimization rounds, whose folders results/<exp>/round<r>/
+# have the experiment's own layout (tunewise.phases.rounds): the rules of Phases 3-4 serve every round alike
+BASE_EXP = "|".join(re.escape(e) for e in EXPERIMENTS) if EXPERIMENTS else "[^/]+"
+ROUND_EXP = rf"(?:{BASE_EXP})(?:/round[2-9])?"
+
+
 wildcard_constraints:
-    exp="|".join(EXPERIMENTS) if EXPERIMENTS else "[^/]+",
+    exp=ROUND_EXP,
     side="baseline|optimized",
     seed=r"\d+",
     trial=r"\d+",
@@ -40,8 +47,84 @@ wildcard_constraints:
     step=r"[A-Za-z0-9_-]+",
 
 
+def base_exp(exp):
+    """The experiment a round folder belongs to: latent_mp for latent_mp/round2."""
+    return exp.split("/round")[0] if re.search(r"/round\d+$", exp) else exp
+
+
+def round_of(exp):
+    """1 for the experiment's own folders, r for results/<exp>/round<r>/."""
+    m = re.search(r"/round(\d+)$", exp)
+    return int(m.group(1)) if m else 1
+
+
+def round_exp(exp, index):
+    return base_exp(exp) if index == 1 else f"{base_exp(exp)}/round{index}"
+
+
 def exp_cfg(wildcards):
-    return config["experiments"][wildcards.exp]
+    return config["experiments"][base_exp(wildcards.exp)]
+
+
+def checkpoint_file(step, path, **wildcards):
+    """`path`, an output of checkpoint `step` for `wildcards`, once the checkpoint has run (until then Snakemake
+    waits for it). In a later round, a file already there from an earlier start is read as it is: Snakemake
+    counts a checkpoint as done only once its job is in the DAG, and a later round's jobs join the DAG after
+    that count was taken, so they would wait forever for checkpoints that need not run. Should the checkpoint
+    run again after all, the jobs that read the file are evaluated again when it has (Snakemake updates a
+    checkpoint's dependents)."""
+    try:
+        step.get(**wildcards)
+    except IncompleteCheckpointException:
+        if round_of(wildcards["exp"]) == 1 or not os.path.exists(path):
+            raise  # round 1's jobs are in the first DAG, where Snakemake's own count holds
+    return path
+
+
+def round_decision(exp):
+    """A round's decision.json, once its significance checkpoint has run."""
+    with open(checkpoint_file(checkpoints.significance, f"results/{exp}/significance/decision.json", exp=exp)) as f:
+        return json.load(f)
+
+
+def loop_rounds(exp):
+    """The rounds seed 004's loop ran for the experiment: round 1, then one more while a round's decision
+    says `iterate` (B) or `retry` (C); each is known only after the one before it has decided."""
+    rounds = [exp]
+    while round_decision(rounds[-1])["next"] in ("iterate", "retry") and len(rounds) < 9:
+        rounds.append(round_exp(exp, len(rounds) + 1))
+    return rounds
+
+
+def incumbent(exp):
+    """(round folder, side) a later round starts from and compares with: the optimized side of the round before
+    after B, else that round's own start (C); round 1 starts from the baseline."""
+    index = round_of(exp)
+    if index == 1:
+        return exp, "baseline"
+    previous = round_exp(exp, index - 1)
+    if round_decision(previous)["next"] == "iterate":
+        return previous, "optimized"
+    return incumbent(previous)
+
+
+def seed_list(wildcards):
+    seeds = exp_cfg(wildcards)["significance"]["seeds"]
+    return list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+
+
+def own_seed(wildcards):
+    """The seed whose run a diagnosis reads: the experiment's, or the first compared one when it is not among them."""
+    seeds, seed = seed_list(wildcards), int(exp_cfg(wildcards).get("seed", 0))
+    return seed if seed in seeds else seeds[0]
+
+
+def diagnosed_run(wildcards):
+    """The run a round's diagnosis reads: the baseline, or in a later round its starting config's seed run."""
+    if round_of(wildcards.exp) == 1:
+        return f"results/{wildcards.exp}/baseline/metrics.json"
+    where, side = incumbent(wildcards.exp)
+    return f"results/{where}/seeds/{side}/seed{own_seed(wildcards)}/metrics.json"
 
 
 def experiment_json(wildcards):
@@ -54,9 +137,11 @@ def experiment_json(wildcards):
 
 def data_ready(wildcards):
     """What a training job needs before it starts: the prepared data and the preparation steps its trainer
-    declares for this experiment's config (`preparation_steps`, known at the parse: config.py resolved it)."""
-    steps = PREPARATION_STEPS[wildcards.exp]
-    return [f"results/{wildcards.exp}/data/ready.json", *(f"results/{wildcards.exp}/data/{s}/step.json" for s in steps)]
+    declares for this experiment's config (`preparation_steps`, known at the parse: config.py resolved it).
+    Every round of an experiment trains on the experiment's data."""
+    exp = base_exp(wildcards.exp)
+    steps = PREPARATION_STEPS[exp]
+    return [f"results/{exp}/data/ready.json", *(f"results/{exp}/data/{s}/step.json" for s in steps)]
 
 
 def threads_for(wildcards):
@@ -114,9 +199,10 @@ def strategy(wildcards):
     """The optimize strategy. Under `auto` the diagnosis chooses, so the DAG below the diagnose
     checkpoint waits for it; an explicit strategy is known up front (and shows in `snakemake -n`)."""
     requested = exp_cfg(wildcards)["optimize"]["strategy"]
-    if requested != "auto":
+    if requested != "auto" and round_of(wildcards.exp) == 1:
         return requested
-    path = checkpoints.diagnose.get(exp=wildcards.exp).output.diagnosis
+    # a later round's strategy is its experiment.yaml's (C's next rung), which its diagnosis records
+    path = checkpoint_file(checkpoints.diagnose, f"results/{wildcards.exp}/diagnosis/diagnosis.json", exp=wildcards.exp)
     with open(path) as f:
         return json.load(f)["strategy"]["chosen"]
 
@@ -164,15 +250,22 @@ def sweep_trials(wildcards):
 
 
 def seed_runs(wildcards, side):
-    seeds = exp_cfg(wildcards)["significance"]["seeds"]
-    seeds = list(range(seeds)) if isinstance(seeds, int) else seeds
-    return [f"results/{wildcards.exp}/seeds/{side}/seed{s}/metrics.json" for s in seeds]
+    """A side's seed runs; a later round's baseline side is its starting config's seeds, where they ran."""
+    where = wildcards.exp
+    if side == "baseline" and round_of(wildcards.exp) > 1:
+        where, side = incumbent(wildcards.exp)
+    return [f"results/{where}/seeds/{side}/seed{s}/metrics.json" for s in seed_list(wildcards)]
 
 
 def significance_inputs(wildcards):
     inputs = {"optimize": optimize_outputs(wildcards)}
     inputs["optimized"] = seed_runs(wildcards, "optimized") if inputs["optimize"] else []
     return inputs
+
+
+def loop_decisions(wildcards):
+    """Every round's decision.json, round 1 first: what the loop's conclusion reads."""
+    return [f"results/{r}/significance/decision.json" for r in loop_rounds(wildcards.exp)]
 
 
 def experiment_outputs(exp):

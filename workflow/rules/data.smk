@@ -1,4 +1,6 @@
 rule resolve_experiment:
+    wildcard_constraints:
+        exp=BASE_EXP,
     output:
         "results/{exp}/experiment.yaml",
     params:
@@ -16,6 +18,8 @@ rule resolve_experiment:
 
 
 rule prepare_data:
+    wildcard_constraints:
+        exp=BASE_EXP,
     input:
         exp="results/{exp}/experiment.yaml",
     output:
@@ -35,6 +39,8 @@ rule prepare_data:
 
 
 rule prepare_step:
+    wildcard_constraints:
+        exp=BASE_EXP,
     # one job per preparation step the experiment's trainer declares (Trainer.preparation_steps), e.g. a model
     # the data must train before any run; every training job waits for them (common.smk: data_ready)
     input:

@@ -1,5 +1,7 @@
 rule design:
     """Inverse design on the final model (trainers with a design phase): design.json, trajectories/latents/descriptors CSVs, design_report.md."""
+    wildcard_constraints:
+        exp=BASE_EXP,
     input:
         exp="results/{exp}/experiment.yaml",
         data=data_ready,

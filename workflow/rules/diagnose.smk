@@ -1,9 +1,10 @@
 checkpoint diagnose:
     input:
         exp="results/{exp}/experiment.yaml",
-        baseline="results/{exp}/baseline/metrics.json",
+        # the baseline run, or in a later round the seed run of the config the round starts from
+        baseline=diagnosed_run,
         # the data checks of preparation: the report's Data section, and a divergence read as a data problem
-        ready="results/{exp}/data/ready.json",
+        ready=lambda wc: f"results/{base_exp(wc.exp)}/data/ready.json",
     output:
         diagnosis="results/{exp}/diagnosis/diagnosis.json",
         config="results/{exp}/diagnosis/optimization_config.yaml",
@@ -42,7 +43,7 @@ rule gate:
         evidence=lambda wc: (
             [f"results/{wc.exp}/diagnosis/diagnosis.json"]
             if wc.gate == "diagnostics"
-            else [f"results/{wc.exp}/significance/decision.json"]
+            else [f"results/{wc.exp}/loop/decision.json"]
         ),
     output:
         "results/{exp}/gates/{gate}.json",

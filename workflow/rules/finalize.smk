@@ -1,11 +1,12 @@
 rule finalize:
+    wildcard_constraints:
+        exp=BASE_EXP,
     input:
         exp="results/{exp}/experiment.yaml",
         data=data_ready,
-        decision="results/{exp}/significance/decision.json",
+        # the loop's conclusion: the config to finalize, from the best verified round
+        decision="results/{exp}/loop/decision.json",
         gate="results/{exp}/gates/optimization_complete.json",
-        baseline="results/{exp}/baseline/metrics.json",
-        optimized_config=strategy_config,
     output:
         final="results/{exp}/final/final.json",
         # best_model_<side>.pt and last_model_<side>.pt are named after the side that won, known only when
@@ -18,7 +19,6 @@ rule finalize:
             subcategory="Phase 5: finalization",
         ),
     params:
-        baseline_config=lambda wc, input: os.path.join(os.path.dirname(input.baseline), "config.yaml"),
         out_dir=lambda wc, output: os.path.dirname(output.final),
         reports="reports/{exp}",
     conda:
@@ -32,6 +32,5 @@ rule finalize:
         **TRAINING_RESOURCES,
     shell:
         "tunewise finalize --experiment-file {input.exp:q} --decision {input.decision:q}"
-        " --baseline-config {params.baseline_config:q} --optimized-config {input.optimized_config:q}"
         " --out-dir {params.out_dir:q} --reports-dir {params.reports:q} --threads {threads} --gpus {resources.gpu} --attempt {resources.attempt}"
         " --rule finalize > {log:q} 2>&1"

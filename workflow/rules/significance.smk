@@ -25,7 +25,8 @@ rule seed_run:
         " --threads {threads} --gpus {resources.gpu} --attempt {resources.attempt} --rule seed_run > {log:q} 2>&1"
 
 
-rule significance:
+# a checkpoint: its decision says whether the loop goes on (rounds.smk), which Snakemake learns when it has run
+checkpoint significance:
     input:
         unpack(significance_inputs),
         exp="results/{exp}/experiment.yaml",
@@ -36,9 +37,10 @@ rule significance:
     output:
         significance="results/{exp}/significance/significance.json",
         decision="results/{exp}/significance/decision.json",
+        # this round's results; reports/<exp>/optimization_results.md gathers the rounds (rounds.smk: conclude)
         report=report(
-            "reports/{exp}/optimization_results.md",
-            caption="../report/optimization_results.rst",
+            "reports/{exp}/round_results.md",
+            caption="../report/round_results.rst",
             category="{exp}",
             subcategory="Phase 4: optimization",
         ),

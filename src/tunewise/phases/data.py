@@ -32,6 +32,11 @@ def prepare_data(exp: dict, exp_dir: Path, out: Path, *, threads: int = 1, rule:
     return info
 
 
+def ready_path(exp: dict) -> Path:
+    """ready.json of the experiment's prepared data (a later optimization round reads its experiment's)."""
+    return Path(exp["baseline"]["data"]["prepared_dir"]) / "ready.json"
+
+
 def step_dir(exp: dict, step: str) -> Path:
     """Where a preparation step's files go: a folder of that name beside the prepared data, which is where the
     trainer reads them (the rule's --out is `step.json` in it)."""

@@ -74,7 +74,7 @@ def _finding(fid: str, root_cause: str, severity: str, summary: str, evidence: d
     return {"id": fid, "root_cause": root_cause, "severity": severity, "summary": summary, "evidence": clean}
 
 
-def _train_counterpart(primary: str) -> str | None:
+def train_counterpart(primary: str) -> str | None:
     return "train/" + primary[len("val/"):] if primary.startswith("val/") else None
 
 
@@ -320,7 +320,7 @@ def diagnose(history: pd.DataFrame, metrics: dict, primary: str, direction: str,
     best_step, best_value = int(steps[best_i]), float(val[best_i])
     tail = _tail_rows(n, th["tail_frac"])
     val_end = _end(val, th["end_rows"])
-    train_col = _train_counterpart(primary)
+    train_col = train_counterpart(primary)
     train = _values(history, train_col) if train_col and train_col in history else None
     if train is not None and not np.isfinite(train).all():
         train = None
@@ -522,7 +522,8 @@ def _strategy(exp: dict, findings: list[dict], best: float | None, patch: dict) 
         exp["optimize"]["strategy"], findings, best, exp["finalize"]["target"], exp["metric"]["direction"],
         available={"targeted", "sweep", "iterative", "none"}, iterative_gap=exp["optimize"]["iterative"]["choose_gap"],
     )
-    if exp["optimize"]["strategy"] == "auto" and strategy["chosen"] != "none" and not patch:
+    # a strategy that applies recommendations has nothing to apply without a patch (a sweep searches its space)
+    if strategy["chosen"] in ("targeted", "iterative") and not patch:
         strategy = {**strategy, "chosen": "none", "reason": strategy["reason"] + "; but no recommendation maps to a knob of this trainer, so nothing to change"}
     return strategy
 

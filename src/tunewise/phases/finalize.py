@@ -22,8 +22,8 @@ def _final_training(exp: dict, exp_dir: Path, decision: dict, config_path: Path,
     side = decision["chosen_side"]
     train_run(exp, exp_dir, run_dir, load_yaml(config_path), phase="final", side=side, rule=rule, run_name="final",
               threads=threads,
-              # the chosen side's run with the experiment's seed is this very training, already done
-              reuse_from=Path(exp_dir) / "seeds" / side / f"seed{exp['seed']}" / "metrics.json")
+              # the kept config's run with the experiment's seed is this very training, already done
+              reuse_from=decision.get("seed_run") or Path(exp_dir) / "seeds" / side / f"seed{exp['seed']}" / "metrics.json")
     metrics = RunDir(run_dir).require_finished()
     if metrics["status"] != "done":
         raise CliError(f"final training ended as {metrics['status']}: {metrics.get('reason')}")
@@ -58,10 +58,12 @@ def _final_checkpoints(run, out: Path, side: str) -> dict[str, Path]:
     return paths
 
 
-def finalize(exp: dict, exp_dir: Path, decision_path: Path, baseline_config: Path, optimized_config: Path,
-             out_dir: Path, *, report: Callable[[Path], list] | None = None, threads: int | None = None,
+def finalize(exp: dict, exp_dir: Path, decision_path: Path, baseline_config: Path | None,
+             optimized_config: Path | None, out_dir: Path, *, report: Callable[[Path], list] | None = None, threads: int | None = None,
              rule: str | None = None) -> dict:
-    """Phase 5 for the decision in `decision_path`: final.json (returned) and the files it names in `out_dir`;
+    """Phase 5 for the decision in `decision_path` (the loop's conclusion names its config and seed run; a single
+    round's decision.json picks between `baseline_config` and `optimized_config`): final.json (returned) and the
+    files it names in `out_dir`;
     `report(final_json)` writes the final report and returns its paths, logged with the final MLflow run."""
     from tunewise.config import load_yaml
     from tunewise.devices import resolve_device, set_threads
@@ -69,7 +71,8 @@ def finalize(exp: dict, exp_dir: Path, decision_path: Path, baseline_config: Pat
     from tunewise.trainers import get_trainer
 
     decision = read_json(decision_path)
-    config_path = Path(optimized_config if decision["chosen_side"] == "optimized" else baseline_config)
+    config_path = Path(decision.get("config_path")
+                       or (optimized_config if decision["chosen_side"] == "optimized" else baseline_config))
     out = Path(out_dir)
     run = RunDir(out / "run")
     metrics = _final_training(exp, exp_dir, decision, config_path, run.path, threads, rule)
@@ -85,6 +88,7 @@ def finalize(exp: dict, exp_dir: Path, decision_path: Path, baseline_config: Pat
         "trainer": exp["trainer"],
         "chosen_side": decision["chosen_side"],
         "decision": decision["option"],
+        "config_round": decision.get("config_round", 1),
         "config_path": str(out / "final_config.yaml"),
         "run_dir": str(run.path),
         "val": {"best": metrics["primary"]["best"], "best_step": metrics["best_step"]},

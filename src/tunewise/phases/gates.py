@@ -28,7 +28,9 @@ def diagnostics_checks(exp_dir: Path, reports_dir: Path) -> list[dict]:
     diag_path = exp_dir / "diagnosis" / "diagnosis.json"
     report = reports_dir / "diagnostic_report.md"
     opt_cfg = exp_dir / "diagnosis" / "optimization_config.yaml"
-    baseline = RunDir(exp_dir / "baseline")
+    diag = read_json_if_exists(diag_path)
+    # the run the diagnosis read: the baseline, or a later round's starting run (tunewise.phases.rounds)
+    baseline = RunDir((diag or {}).get("baseline", {}).get("run_dir") or exp_dir / "baseline")
     checks = []
     finished = baseline.is_finished()
     rows = len(baseline.history()) if finished else 0
@@ -38,7 +40,6 @@ def diagnostics_checks(exp_dir: Path, reports_dir: Path) -> list[dict]:
         finished and rows == metrics.get("epochs_run", -1),
         f"status {baseline.status}, {rows} history rows, epochs_run {metrics.get('epochs_run')}",
     ))
-    diag = read_json_if_exists(diag_path)
     checks.append(_check("diagnosis.json written", diag is not None, str(diag_path)))
     if diag is None:
         return checks
@@ -120,6 +121,15 @@ def optimization_checks(exp_dir: Path, reports_dir: Path, optimize_run: Path | N
             f"baseline {sig['baseline']['mean']:.4g} vs optimized {sig['optimized']['mean']:.4g}" if compared else "significance.json missing"
         ),
     ))
+    # over several rounds (seed 004's loop), the decision is the loop's conclusion and the improvement it claims
+    # is the one verified in the round whose optimized config it keeps
+    final = read_json_if_exists(exp_dir / "loop" / "decision.json")
+    if final is not None:
+        dec = final
+        if final.get("config_side") == "optimized":
+            from tunewise.phases.rounds import round_dir
+
+            sig = read_json_if_exists(round_dir(exp_dir, final.get("config_round", 1)) / "significance" / "significance.json")
     claims_improvement = bool(dec) and dec.get("chosen_side") == "optimized"
     verified = bool(sig) and not sig.get("skipped") and (sig.get("verdict") == "improved" or bool(dec and dec.get("target_met")))
     checks.append(_check(

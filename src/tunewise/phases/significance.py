@@ -241,6 +241,38 @@ def _log(exp: dict, exp_dir: Path, sig: dict, decision: dict, files: list, rule:
     tracker.end_run(parent)
 
 
+def decide_round(exp: dict, exp_dir: Path, diag: dict, sig: dict) -> dict:
+    """Seed 004's decision for this round, with what it weighs: decision A's criteria on each side, the
+    diagnosis of the improved config's own run, the gains of the rounds before, the rounds and time left, and
+    the strategy C would try next."""
+    from tunewise.phases import rounds
+    from tunewise.phases.decision import decide, next_strategy
+
+    fin = exp["finalize"]
+    skipped = bool(sig.get("skipped"))
+    evidence = {side: rounds.side_evidence(exp, sig.get(side)) for side in ("baseline", "optimized")}
+    improved = not skipped and sig.get("verdict") == "improved"
+    open_findings = rounds.run_findings(exp, (evidence["optimized"] or {}).get("run_dir")) if improved else []
+    attempts = rounds.earlier_gains(exp) + ([] if skipped else [rounds.round_gain(sig)])
+    index = rounds.round_index(exp)
+    elapsed = rounds.minutes_since_start(rounds.base_dir(exp, exp_dir))
+    out_of_time = fin.get("time_budget") is not None and elapsed is not None and elapsed > fin["time_budget"]
+    strategy = diag["strategy"]["chosen"]
+    decision = decide(None if skipped else sig, sig["baseline"]["mean"], exp["metric"]["direction"], fin["target"],
+                      strategy, attempts=attempts, iterations_left=fin["max_iterations"] - (index - 1),
+                      ceiling_gain=fin.get("ceiling_gain", 0.02), evidence=evidence, accept=fin.get("accept"),
+                      open_findings=open_findings, out_of_time=out_of_time,
+                      next_strategy=next_strategy(strategy, rounds.possible_strategies(exp, diag)),
+                      skip_reason=diag["strategy"]["reason"] if skipped else None)
+    decision.update({
+        "target": fin["target"], "round": index, "strategy": strategy, "attempts": attempts,
+        "rounds_left": max(0, fin["max_iterations"] - (index - 1)), "minutes_elapsed": elapsed,
+        "time_budget": fin.get("time_budget"), "evidence": evidence,
+        "open_findings": [{k: f[k] for k in ("id", "root_cause", "severity")} for f in open_findings],
+    })
+    return decision
+
+
 def judge(exp: dict, exp_dir: Path, diagnosis_path: Path, baseline_runs: list[str], optimized_runs: list[str],
           out_dir: Path, *, optimize_run: str | Path | None = None, report: Callable | None = None,
           rule: str | None = None) -> tuple[dict, dict]:
@@ -254,9 +286,7 @@ def judge(exp: dict, exp_dir: Path, diagnosis_path: Path, baseline_runs: list[st
 
     diag = read_json(diagnosis_path)
     sig = _compare_sides(exp, diag, [d for d in baseline_runs if d], [d for d in optimized_runs if d])
-    decision = decide(None if sig.get("skipped") else sig, sig["baseline"]["mean"], exp["metric"]["direction"],
-                      exp["finalize"]["target"], diag["strategy"]["chosen"], iterations_left=0)
-    decision["target"] = exp["finalize"]["target"]
+    decision = decide_round(exp, Path(exp_dir), diag, sig)
     out = Path(out_dir)
     write_json(out / "significance.json", sig)
     write_json(out / "decision.json", decision)

@@ -329,7 +329,13 @@ def setup(exp: dict, exp_dir: Path) -> tuple[dict, dict, int | None, Path]:
 
     cfg = exp["optimize"]["sweep"]
     exp_dir = Path(exp_dir)
-    base_path = exp_dir / ("diagnosis/optimization_config.yaml" if cfg["base"] == "optimized" else "baseline/config.yaml")
+    if cfg["base"] == "optimized":
+        base_path = exp_dir / "diagnosis" / "optimization_config.yaml"
+    else:  # the run the diagnosis read: the baseline, or a later round's starting config (phases/rounds.py)
+        from tunewise.runs import read_json_if_exists
+
+        diagnosed = ((read_json_if_exists(exp_dir / "diagnosis" / "diagnosis.json") or {}).get("baseline") or {})
+        base_path = Path(diagnosed.get("run_dir") or exp_dir / "baseline") / "config.yaml"
     if not base_path.exists():
         raise CliError(f"{base_path}: the sweep's base config (optimize.sweep.base: {cfg['base']}) is missing; run the diagnosis first")
     try:

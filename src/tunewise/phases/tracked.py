@@ -17,6 +17,8 @@ def base_tags(exp: dict, phase: str, rule: str | None, config: dict | None = Non
     from tunewise.runs import git_sha
 
     tags = {"phase": phase, "trainer": exp["trainer"], "tunewise.experiment": exp["name"], "git_sha": git_sha()}
+    if exp.get("round"):  # a later optimization round (tunewise.phases.rounds): its runs say which
+        tags["round"] = str(exp["round"]["index"])
     if rule:
         tags["rule"] = rule
     if config is not None:
@@ -28,7 +30,10 @@ def base_tags(exp: dict, phase: str, rule: str | None, config: dict | None = Non
 
 
 def parent_run(tracker, exp: dict, exp_dir: Path, name: str, rule: str | None = None) -> str:
-    """The experiment's parent run `name` (significance, sweep, iterative), its id kept in exp_dir/tracking.json."""
+    """The experiment's parent run `name` (significance, sweep, iterative), its id kept in exp_dir/tracking.json;
+    a later optimization round has its own, named after it (significance-round2)."""
+    if exp.get("round"):
+        name = f"{name}-round{exp['round']['index']}"
     return tracker.parent_run(name, base_tags(exp, name, rule), Path(exp_dir) / "tracking.json")
 
 

@@ -159,7 +159,9 @@ def _log_dataset(attempt: Attempt, exp_dir: Path) -> None:
     source = data.get("path") if data.get("source") == "path" else data.get("prepared_dir")
     if not source:
         return  # a trainer without a data folder of its own (its data made in memory): nothing to point at
-    ready = read_json_if_exists(Path(exp_dir) / "data" / "ready.json") or {}
+    from tunewise.phases.data import ready_path
+
+    ready = read_json_if_exists(ready_path(attempt.exp)) or {}
     digest = str(ready.get("fingerprint") or config_hash({k: v for k, v in data.items() if k != "prepared_dir"}))
     profile = {k: ready[k] for k in ("n_rows", "counts") if ready.get(k) is not None}
     attempt.tracker.log_dataset(attempt.run_id, f"{attempt.exp['name']}-data", digest, str(Path(source).resolve()),

@@ -669,3 +669,34 @@ def plot_alpha_study(rows: Sequence[Mapping], path: Path, chosen: float | None =
     ax.set_title("alpha study: same restarts, steps and seeds at each alpha")
     ax.grid(alpha=0.3)
     return save_figure(fig, path)
+
+
+def plot_loop_rounds(rounds: Sequence[Mapping], metric: str, path: Path, title: str = "") -> Path:
+    """The primary metric per optimization round: the config each round started from and the one it tried,
+    seed mean with one standard deviation; a verified improvement filled, the rest hollow.
+
+    rounds: {"round", "baseline": {mean, std} | None, "optimized": {mean, std} | None, "verdict"}."""
+    fig, ax = plt.subplots(figsize=(2.0 + 1.2 * max(len(rounds), 1), 4))
+    for row in rounds:
+        k = row["round"]
+        for offset, side, colour in ((-0.12, "baseline", _colour("baseline", 0)), (0.12, "optimized", _colour("optimized", 1))):
+            s = row.get(side)
+            if not s or s.get("mean") is None:
+                continue
+            std = s.get("std")
+            filled = side == "baseline" or row.get("verdict") == "improved"
+            ax.errorbar(k + offset, s["mean"], yerr=std if std is not None else None, fmt="o", capsize=4,
+                        color=colour, markerfacecolor=colour if filled else "white",
+                        label=("started from" if side == "baseline" else "tried (filled: verified improvement)")
+                        if k == rounds[0]["round"] else None)
+    ax.set_xticks([r["round"] for r in rounds], [f"round {r['round']}" for r in rounds])
+    ax.set_xlim(min((r["round"] for r in rounds), default=1) - 0.6, max((r["round"] for r in rounds), default=1) + 0.6)
+    ax.set_ylabel(metric)
+    if ax.lines:
+        ax.legend(fontsize=8, loc="best")
+    else:
+        _no_data(ax, "rounds")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return save_figure(fig, path)

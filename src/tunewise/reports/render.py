@@ -269,7 +269,7 @@ def _significance_context(sig: dict, direction: str) -> dict:
 def write_optimization_results(significance_path: Path, decision_path: Path, diagnosis_path: Path,
                                baseline_run_dir: Path, optimized_run_dir: Path | None,
                                reports_dir: Path, sweep_json: Path | None = None,
-                               iterative_json: Path | None = None) -> list[Path]:
+                               iterative_json: Path | None = None, name: str = "optimization_results.md") -> list[Path]:
     from tunewise.reports.plots import plot_comparison, plot_seed_scores
 
     reports_dir = Path(reports_dir)
@@ -279,7 +279,7 @@ def write_optimization_results(significance_path: Path, decision_path: Path, dia
     base_metrics = read_json_if_exists(Path(baseline_run_dir) / "metrics.json")
     opt_metrics = read_json_if_exists(Path(optimized_run_dir) / "metrics.json") if optimized_run_dir else None
     significance = _significance_context(sig, direction)
-    report, sig_report = reports_dir / "optimization_results.md", reports_dir / "significance.md"
+    report, sig_report = reports_dir / name, reports_dir / "significance.md"
 
     histories = {"baseline": read_history(Path(baseline_run_dir))}
     best_steps = {"baseline": (base_metrics or {}).get("best_step")}
@@ -321,7 +321,8 @@ def write_optimization_results(significance_path: Path, decision_path: Path, dia
         has_optimized_metrics=opt_metrics is not None,
         changes=_changes(diag),
         config_link=link(opt_config, report) if opt_config.exists() else None,
-        decision={k: decision.get(k) for k in ("option", "label", "next", "chosen_side", "target", "target_met", "rationale")},
+        decision={k: decision.get(k) for k in ("option", "label", "next", "chosen_side", "target", "target_met", "rationale",
+                                               "criteria", "round")},
         curves_plot=link(curves, report),
         significance_link=link(sig_report, report),
         sweep=sweep,
