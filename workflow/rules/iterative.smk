@@ -6,7 +6,8 @@ rule iterate:
         data=data_ready,
         gate="results/{exp}/gates/diagnostics.json",
         config="results/{exp}/diagnosis/optimization_config.yaml",
-        baseline="results/{exp}/baseline/metrics.json",
+        # the run round 1 is compared with: the baseline, or a later loop round's starting run
+        baseline=diagnosed_run,
         previous=lambda wc: (
             [f"results/{wc.exp}/optimize/iterative/round{int(wc.round) - 1}/round.json"] if int(wc.round) > 1 else []
         ),

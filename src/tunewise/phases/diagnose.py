@@ -522,6 +522,10 @@ def _strategy(exp: dict, findings: list[dict], best: float | None, patch: dict) 
         exp["optimize"]["strategy"], findings, best, exp["finalize"]["target"], exp["metric"]["direction"],
         available={"targeted", "sweep", "iterative", "none"}, iterative_gap=exp["optimize"]["iterative"]["choose_gap"],
     )
+    previous = (exp.get("round") or {}).get("previous") or {}
+    if previous.get("next") == "retry":  # seed 004's C: this round tries the next strategy on the same start
+        strategy = {**strategy, "reason": f"round {previous['round']} ended in decision C (no verified improvement): "
+                                          f"the next strategy, {strategy['chosen']}, from the same starting config"}
     # a strategy that applies recommendations has nothing to apply without a patch (a sweep searches its space)
     if strategy["chosen"] in ("targeted", "iterative") and not patch:
         strategy = {**strategy, "chosen": "none", "reason": strategy["reason"] + "; but no recommendation maps to a knob of this trainer, so nothing to change"}

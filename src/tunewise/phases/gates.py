@@ -47,12 +47,15 @@ def diagnostics_checks(exp_dir: Path, reports_dir: Path) -> list[dict]:
     chosen = diag["strategy"]["chosen"]
     # targeted and iterative apply the recommendations; a sweep searches its own space and may start from
     # an unchanged config, and `none` changes nothing
+    # (a change the user forces with optimize.overrides is one to apply too)
     needs_recs = chosen in ("targeted", "iterative")
+    forced = [c for c in diag.get("changes", []) if c.get("rationale") == "user override (optimize.overrides)"]
     checks.append(_check(
         "diagnostic_report.md with recommendations",
-        report.exists() and (len(recs) > 0 or not needs_recs),
+        report.exists() and (len(recs) > 0 or len(forced) > 0 or not needs_recs),
         f"{report.name} {'exists' if report.exists() else 'missing'}, {len(recs)} recommendations"
-        + ("" if recs or needs_recs else f" (strategy {chosen} does not need any)"),
+        + (f", {len(forced)} user override(s)" if forced else "")
+        + ("" if recs or forced or needs_recs else f" (strategy {chosen} does not need any)"),
     ))
     findings = diag.get("findings", [])
     with_numbers = [f for f in findings if any(isinstance(v, (int, float)) for v in f.get("evidence", {}).values())]
