@@ -363,6 +363,12 @@ def test_best_step_in_the_first_tenth_is_early_plateau():
     assert ev["best_value"] == pytest.approx(val[1])
 
 
+def test_a_curve_that_never_moved_has_no_early_peak():
+    # e.g. a search whose learning rate is too small to change anything: its first row only wins the tie
+    flat = np.full(N, 0.21)
+    assert "best_step_early" not in [f["id"] for f in diagnose(history(flat + 0.005, flat), METRICS, PRIMARY_MAX, "max")]
+
+
 def test_early_plateau_needs_ten_steps():
     val = np.array([0.5, 0.955, 0.95, 0.95, 0.95, 0.95, 0.95, 0.95, 0.95])
     assert "best_step_early" not in [f["id"] for f in diagnose(history(val + 0.005, val), METRICS, PRIMARY_MAX, "max")]

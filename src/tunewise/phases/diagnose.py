@@ -157,8 +157,8 @@ def _too_short(n: int, metrics: dict, th: dict) -> dict:
 
 
 def _gradient_norms(history: pd.DataFrame, good: np.ndarray, train_short: bool | None, th: dict) -> list[dict]:
-    """Exploding or vanishing gradients from the `grad_norm` column (the shared loop's per-epoch mean; pez: the
-    prompt embeddings' gradient), measured against its own start so that any model's scale works."""
+    """Exploding or vanishing gradients from the `grad_norm` column (the shared loop's per-epoch mean, or what a
+    trainer logs under that name, e.g. a prompt's gradient), measured against its own start so any scale works."""
     if "grad_norm" not in history:
         return []
     norm = _values(history, "grad_norm")
@@ -481,8 +481,9 @@ def diagnose(history: pd.DataFrame, metrics: dict, primary: str, direction: str,
              "total_gain": total, "recent_share": recent / total},
         ))
 
-    # saturated early: the budget after the best step bought nothing
-    if n >= th["early_min_rows"] and best_i + 1 <= th["early_frac"] * n:
+    # saturated early: the budget after the best step bought nothing. A curve that never moved has no peak (its
+    # first row only wins the tie): nothing was learnt, which is not saturation, and fewer steps would not help
+    if n >= th["early_min_rows"] and best_i + 1 <= th["early_frac"] * n and val.max() > val.min():
         found.append(_finding(
             "best_step_early", "early_plateau", "low",
             f"{primary} peaked at {_fmt(best_value)} at step {best_step} of {n} (within the first "
