@@ -12,10 +12,12 @@
    as named when a finding with one of its root causes (NAMED) is among the findings. Healthy runs say how
    often each cause is named wrongly.
 
-Everything runs in WORKERS processes with one torch thread each.
+Everything runs in WORKERS processes with one torch thread each. Other trainers' parts live in modules of their
+own (TRAINER_PARTS, e.g. bench/trust_pez.py), each with a `rows()` that bench_trust appends after the latent rows.
 """
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import sys
@@ -36,6 +38,8 @@ SHIFTS = (0.5, 1.0, 2.0, 3.0)
 RUNS_PER_CONDITION = 10
 AA_CHUNK = 50  # A/A runs per worker task: one temporary directory and one import per chunk, not per run
 EXPERIMENT = "latent_tiny"
+# the other trainers' parts: modules in bench/ with a rows() -> list of table rows
+TRAINER_PARTS = ("trust_pez",)
 PRIMARY = {"name": "val/r2_mean", "direction": "max"}
 
 # the runs are thrown away: keep their files in memory where the machine offers it
@@ -150,7 +154,7 @@ def _conditions(base: dict) -> dict[str, tuple[str, dict]]:
 def _latent_run(name: str, config: dict, seed: int) -> dict:
     import torch
 
-    from tunewise.phases.diagnose import diagnose, load_run
+    from tunewise.phases.diagnose import load_run, thresholds_for, trainer_findings
     from tunewise.runs import RunDir
     from tunewise.trainers.base import NonFiniteLoss
     from tunewise.trainers.latent.trainer import LatentTrainer
@@ -167,7 +171,9 @@ def _latent_run(name: str, config: dict, seed: int) -> dict:
             run.finish({"primary": {**PRIMARY, "best": None, "final": None},
                         "epochs_planned": int(config["train"]["epochs"])}, status="diverged", reason=str(e))
         history, metrics = load_run(run.path)
-        findings = diagnose(history, metrics, PRIMARY["name"], PRIMARY["direction"])
+        # as the diagnose job does: the trainer's own thresholds and findings with the generic ones
+        trainer = LatentTrainer()
+        findings = trainer_findings(trainer, history, metrics, PRIMARY, thresholds_for(trainer, {}) or {})
     return {"name": name, "seed": seed, "seconds": time.perf_counter() - t0,
             "findings": [(f["id"], f["root_cause"]) for f in findings]}
 
@@ -335,4 +341,6 @@ def bench_trust() -> list[dict]:
               file=sys.stderr)
     print(f"  trust: {n_aa} A/A runs + {len(latent)} latent runs in {time.perf_counter() - t0:.0f} s on {WORKERS} "
           f"workers", file=sys.stderr)
+    for part in TRAINER_PARTS:
+        rows += importlib.import_module(part).rows()
     return rows

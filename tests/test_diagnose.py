@@ -363,6 +363,12 @@ def test_best_step_in_the_first_tenth_is_early_plateau():
     assert ev["best_value"] == pytest.approx(val[1])
 
 
+def test_a_curve_that_never_moved_has_no_early_peak():
+    # e.g. a search whose learning rate is too small to change anything: its first row only wins the tie
+    flat = np.full(N, 0.21)
+    assert "best_step_early" not in [f["id"] for f in diagnose(history(flat + 0.005, flat), METRICS, PRIMARY_MAX, "max")]
+
+
 def test_early_plateau_needs_ten_steps():
     val = np.array([0.5, 0.955, 0.95, 0.95, 0.95, 0.95, 0.95, 0.95, 0.95])
     assert "best_step_early" not in [f["id"] for f in diagnose(history(val + 0.005, val), METRICS, PRIMARY_MAX, "max")]
@@ -412,11 +418,15 @@ def test_input_pipeline_bound_is_resources():
 # --- short histories, ordering, shapes, loading --------------------------------------------------------------
 
 
-def test_short_history_is_insufficient():
-    findings = diagnose(healthy().iloc[:3], METRICS, PRIMARY_MAX, "max")
-    assert ids(findings) == [("insufficient_history", "unknown")]
-    assert findings[0]["severity"] == "low"
-    assert findings[0]["evidence"] == {"rows": 3, "min_rows": 4}
+def test_short_history_is_too_short_to_judge_not_near_the_ceiling():
+    findings = diagnose(healthy().iloc[:3], {**METRICS, "epochs_planned": 3, "epochs_run": 3}, PRIMARY_MAX, "max")
+    assert ids(findings) == [("insufficient_history", "too_short")]
+    assert findings[0]["severity"] == "medium"
+    assert "too short to judge" in findings[0]["summary"] and "train longer" in findings[0]["summary"]
+    assert findings[0]["evidence"] == {"rows": 3, "min_rows": 4, "epochs_planned": 3, "epochs_run": 3}
+    # an actionable finding: the strategy is a longer run, never "nothing to fix"
+    chosen = choose_strategy("auto", findings, 0.5, None, "max", ALL)
+    assert chosen["chosen"] == "targeted" and "too_short" in chosen["reason"]
 
 
 def test_missing_primary_column_is_an_error_naming_it():
@@ -472,7 +482,7 @@ def test_strategy_none_when_target_met_in_either_direction():
 
 
 def test_strategy_none_without_actionable_findings():
-    for findings in ([], [finding("resources", "input_bound")], [finding("unknown", "insufficient_history")]):
+    for findings in ([], [finding("resources", "input_bound")], [finding("unknown")]):
         chosen = choose_strategy("auto", findings, 0.5, None, "max", ALL)
         assert chosen["chosen"] == "none" and chosen["requested"] == "auto"
         assert "nothing to fix" in chosen["reason"]
@@ -557,3 +567,53 @@ def test_data_warnings_become_a_data_finding_and_a_divergence_is_not_blamed_on_t
     config = {"optim": {"lr": 0.1}, "train": {"epochs": 5}}
     recs = recommend([f for f in found if f["root_cause"] == "data"], config, {"lr": "optim.lr"})
     assert not any(r["knob"] == "optim.lr" for r in recs)
+
+
+# --- plateau, gradient norms ---------------------------------------------------------------------------------
+
+
+def plateau_history() -> pd.DataFrame:
+    """Validation levels off at step 12 while the training loss keeps falling steadily to the end."""
+    val = np.concatenate([approach(0.3, 0.7, 3, 12), np.full(N - 12, 0.7) - 0.003 * np.abs(np.sin(np.arange(N - 12)))])
+    train = np.linspace(0.3, 0.78, N)
+    return history(train, val, train_loss=np.linspace(2.0, 0.6, N))
+
+
+def test_validation_stalling_while_training_continues_is_a_plateau():
+    f = one(diagnose(plateau_history(), METRICS, PRIMARY_MAX, "max"), "validation_plateau")
+    assert (f["root_cause"], f["severity"]) == ("early_plateau", "low")
+    assert f["evidence"]["best_step"] <= 20 and f["evidence"]["train_loss_drop_share"] > 0.4
+    assert "stopped improving" in f["summary"]
+
+
+def test_no_plateau_when_training_stalls_too_or_the_run_is_healthy():
+    h = plateau_history()
+    h["train/loss"] = np.concatenate([np.linspace(2.0, 0.6, 12), np.full(N - 12, 0.6)])
+    assert "validation_plateau" not in [f["id"] for f in diagnose(h, METRICS, PRIMARY_MAX, "max")]
+    for run, primary, direction in ((healthy(), PRIMARY_MAX, "max"), (healthy_min(), PRIMARY_MIN, "min"),
+                                    (overfitting_max(), PRIMARY_MAX, "max")):
+        assert "validation_plateau" not in [f["id"] for f in diagnose(run, METRICS, primary, direction)]
+
+
+def test_growing_gradient_norm_is_exploding_gradients():
+    h = healthy()
+    h["grad_norm"] = np.concatenate([np.full(N // 2, 1.0), np.geomspace(1.0, 40.0, N - N // 2)])
+    f = one(diagnose(h, METRICS, PRIMARY_MAX, "max"), "exploding_gradients")
+    assert (f["root_cause"], f["severity"]) == ("lr_too_high", "high")
+    assert f["evidence"]["grad_norm_ratio"] > 10 and f["evidence"]["grad_norm_start"] == pytest.approx(1.0)
+
+
+def test_vanishing_gradient_norm_with_a_poor_stalled_metric_is_vanishing_gradients():
+    h = underfit()
+    h["grad_norm"] = np.geomspace(1.0, 1e-5, len(h))
+    f = one(diagnose(h, METRICS, PRIMARY_MAX, "max"), "vanishing_gradients")
+    assert (f["root_cause"], f["evidence"]["grad_norm_ratio"] < 1e-3) == ("underfitting", True)
+
+
+def test_small_gradients_of_a_converged_good_run_are_not_vanishing():
+    h = healthy()  # train r2 0.95 reaches the bounded metric's good-enough 0.9: done, not stuck
+    h["grad_norm"] = np.geomspace(1.0, 1e-5, N)
+    found = [f["id"] for f in diagnose(h, METRICS, PRIMARY_MAX, "max")]
+    assert "vanishing_gradients" not in found and "exploding_gradients" not in found
+    h["grad_norm"] = np.geomspace(1.0, 5.0, N)  # grows, but 5x is not an explosion
+    assert diagnose(h, METRICS, PRIMARY_MAX, "max") == []

@@ -161,6 +161,25 @@ def test_patience_stops_early(clip):
     assert len(res.history) - 1 - last_best == 3
 
 
+def test_min_delta_counts_only_gains_above_it(clip):
+    model, tok = clip
+    # no gain can exceed a cosine's range: after the first evaluation (from -inf) patience runs out at once
+    res = optimize_prompt(model, tok, [CAPTION], dict(FAST, iter=2000, patience=3, min_delta=2.0), progress=False)
+    assert res.stopped_early and len(res.history) == 4
+    # the best prompt is still tracked on every gain, however small
+    assert res.similarity == max(r["current"] for r in res.history)
+    for bad in (-0.1, float("inf"), "0.1", True):
+        with pytest.raises(ValueError, match="min_delta"):
+            PezConfig.of({"min_delta": bad})
+
+
+def test_history_rows_carry_the_prompt_gradient_norm_and_token_change(clip):
+    model, tok = clip
+    res = optimize_prompt(model, tok, [CAPTION], FAST, progress=False)
+    assert all(r["grad_norm"] > 0 and math.isfinite(r["grad_norm"]) for r in res.history)
+    assert all(0.0 <= r["token_change"] <= 1.0 for r in res.history) and any(r["token_change"] > 0 for r in res.history)
+
+
 def test_config_errors(clip):
     model, tok = clip
     with pytest.raises(ValueError, match="context length"):

@@ -56,6 +56,10 @@ def test_run_reports_every_window_and_writes_prompts(prepared, tmp_path):
     assert list(history["step"]) == [5, 10, 15, 20, 25]
     best = history["val/similarity"].to_numpy()
     assert (best[1:] >= best[:-1]).all()  # best-so-far never falls
+    # seed 000's watch list: the prompt gradient's norm, tokens changing per step, and between logged rows
+    assert (history["grad_norm"] > 0).all() and history["train/token_change"].between(0, 1).all()
+    churn = history["train/prompt_churn"]
+    assert math.isnan(churn.iloc[0]) and churn.iloc[1:].between(0, 1).all()
     prompts = read_json(run.path / PROMPTS_FILE)
     targets = prompts["targets"]
     assert prompts["split"] == "val" and len(targets) == 5

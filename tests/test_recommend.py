@@ -154,7 +154,44 @@ def test_noisy_and_resources():
 
 
 def test_unknown_root_cause_has_no_recommendation():
-    assert recommend([finding("insufficient_history", "unknown", "low", rows=2)], config(), KNOBS) == []
+    assert recommend([finding("mystery", "unknown", "low", rows=2)], config(), KNOBS) == []
+
+
+def test_a_run_too_short_to_judge_is_run_longer():
+    short = finding("insufficient_history", "too_short", "medium", rows=2, min_rows=4)
+    recs = recommend([short], config(), KNOBS)
+    assert [(r["knob"], r["action"], r["value"]) for r in recs] == [("epochs", "scale", 4.0)]
+    assert "too short to judge" in recs[0]["rationale"]
+    assert (recs[0]["expected_impact"], recs[0]["risk"], recs[0]["effort"]) == ("medium", "low", "medium")
+    patch, _ = to_patch(recs, config(), KNOBS)
+    assert patch == {"train.epochs": 120}
+    # three rows of four: at least twice the rows the diagnosis needs, never less than twice the run
+    assert recommend([finding("insufficient_history", "too_short", rows=3, min_rows=4)], config(), KNOBS)[0]["value"] == 3.0
+    assert recommend([finding("insufficient_history", "too_short", rows=0, min_rows=4)], config(), KNOBS)[0]["value"] == 4.0
+
+
+def test_underfitting_raises_the_lr_by_one_step():
+    recs = by_knob(recommend([UNDERFIT], config(), KNOBS))
+    assert (recs["lr"]["action"], recs["lr"]["value"]) == ("scale", 3.0)
+    assert recs["lr"]["expected_impact"] == "high" and "one step (x3)" in recs["lr"]["rationale"]
+    patch, _ = to_patch(recommend([UNDERFIT], config(), KNOBS), config(), KNOBS)
+    assert patch["optim.lr"] == pytest.approx(3e-3)
+
+
+def test_a_plateau_adds_a_scheduler_only_without_one():
+    plateau = finding("validation_plateau", "early_plateau", "low", best_step=12, epochs_run=30)
+    r = by_knob(recommend([plateau], config(), KNOBS))
+    assert (r["scheduler"]["action"], r["scheduler"]["value"]) == ("set", "plateau")
+    assert (r["scheduler"]["expected_impact"], r["scheduler"]["risk"], r["scheduler"]["effort"]) == ("medium", "low", "low")
+    assert "ReduceLROnPlateau" in r["scheduler"]["rationale"]
+    early = finding("best_step_early", "early_plateau", "low", best_step=2, epochs_run=30)
+    assert by_knob(recommend([early], config(), KNOBS))["scheduler"]["value"] == "cosine"
+    for existing in ("cosine", "plateau", "linear", "step"):
+        cfg = config()
+        cfg["schedule"]["name"] = existing
+        assert "scheduler" not in by_knob(recommend([plateau, early], cfg, KNOBS))
+    # a trainer without the knob (pez) gets no scheduler
+    assert "scheduler" not in by_knob(recommend([plateau], config(), {k: v for k, v in KNOBS.items() if k != "scheduler"}))
 
 
 # --- skipping, dedup, ranking -------------------------------------------------------------------------------

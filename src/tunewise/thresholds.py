@@ -56,6 +56,18 @@ DEFAULT_THRESHOLDS: dict = {
     "early_min_rows": 10,
     # input-pipeline bound: mean share of epoch time spent waiting for batches above this
     "data_frac": 0.3,
+    # validation plateau: the primary's running best gained less than flat_frac of its total over the trailing
+    # plateau_frac of steps (its best step before them) ...
+    "plateau_frac": 0.5,
+    # ... while the training loss still fell over those steps by more than this share of its range: training
+    # continues and validation does not follow, the case for a schedule that lowers the LR (seed 004, pattern 3)
+    "plateau_train_drop": 0.1,
+    # gradient norm (history column `grad_norm`): at the end (mean of the last end_rows) above this multiple of
+    # its median over the first tail_frac of steps, the gradients explode ...
+    "grad_explode_ratio": 10.0,
+    # ... below this fraction of it, they vanish (with the primary flat over the tail: not a converged run's
+    # small gradients, which come with a metric that stopped improving because it is done, see the rule)
+    "grad_vanish_ratio": 1e-3,
 }
 
 

@@ -17,8 +17,9 @@ import pandas as pd
 
 from tunewise.thresholds import DEFAULT_THRESHOLDS
 
-ROOT_CAUSES = ("data", "lr_too_high", "overfitting", "underfitting", "lr_too_low", "early_plateau", "noisy", "resources",
-               "unknown")
+# too_short: a run with too few history rows to read its curves; actionable (a longer run), never "nothing to fix"
+ROOT_CAUSES = ("data", "lr_too_high", "overfitting", "underfitting", "lr_too_low", "early_plateau", "noisy", "too_short",
+               "resources", "unknown")
 SEVERITY_ORDER = {"high": 0, "medium": 1, "low": 2}
 # findings that do not call for a config change of the model/optimiser: they never justify optimizing
 NON_ACTIONABLE = frozenset({"resources", "unknown", "data"})
@@ -140,6 +141,91 @@ def _input_bound(history: pd.DataFrame, th: dict) -> list[dict]:
         f"Training waited for batches {frac.mean():.0%} of each epoch on average (above "
         f"{th['data_frac']:.0%}){rate_text}: the input pipeline, not the model, bounds throughput.",
         {"data_frac": frac.mean(), "samples_per_s": rate},
+    )]
+
+
+def _too_short(n: int, metrics: dict, th: dict) -> dict:
+    """A run too short to judge: not a run near its ceiling, but one to run longer and diagnose again."""
+    planned = metrics.get("epochs_planned")
+    stopped = " (it stopped early)" if metrics.get("stopped_early") else ""
+    return _finding(
+        "insufficient_history", "too_short", "medium",
+        f"Only {n} history rows (fewer than {th['min_rows']}){stopped}: the run is too short to judge its curves, "
+        f"so nothing is known about its ceiling; train longer (more epochs/steps) and diagnose again.",
+        {"rows": n, "min_rows": int(th["min_rows"]), "epochs_planned": planned, "epochs_run": metrics.get("epochs_run")},
+    )
+
+
+def _gradient_norms(history: pd.DataFrame, good: np.ndarray, train_short: bool | None, th: dict) -> list[dict]:
+    """Exploding or vanishing gradients from the `grad_norm` column (the shared loop's per-epoch mean, or what a
+    trainer logs under that name, e.g. a prompt's gradient), measured against its own start so any scale works."""
+    if "grad_norm" not in history:
+        return []
+    norm = _values(history, "grad_norm")
+    n = len(norm)
+    tail = _tail_rows(n, th["tail_frac"])
+    start = norm[:tail][np.isfinite(norm[:tail])]
+    end = norm[-min(th["end_rows"], n):]
+    if n < th["min_rows"] or not len(start) or not np.isfinite(end).all():
+        return []
+    start_median, end_mean = float(np.median(start)), float(np.mean(end))
+    if start_median <= 0:
+        return []
+    ratio = end_mean / start_median
+    evidence = {"grad_norm_start": start_median, "grad_norm_end": end_mean, "grad_norm_ratio": ratio,
+                "grad_norm_max": float(np.nanmax(norm))}
+    if ratio > th["grad_explode_ratio"]:
+        return [_finding(
+            "exploding_gradients", "lr_too_high", "high",
+            f"The gradient norm grew from {_fmt(start_median)} (median over the first {tail} steps) to {_fmt(end_mean)} "
+            f"at the end, {ratio:.3g}x (above {th['grad_explode_ratio']:g}x): the updates feed on themselves, the "
+            f"learning rate is too high.",
+            {**evidence, "grad_explode_ratio": th["grad_explode_ratio"]},
+        )]
+    recent, total = _running_gain(good, tail)
+    flat = total <= 0 or recent < th["flat_frac"] * total
+    if ratio < th["grad_vanish_ratio"] and flat and train_short is not False:
+        return [_finding(
+            "vanishing_gradients", "underfitting", "medium",
+            f"The gradient norm fell from {_fmt(start_median)} (median over the first {tail} steps) to "
+            f"{_fmt(end_mean)} at the end ({ratio:.2g}x, below {th['grad_vanish_ratio']:g}x) while the primary metric "
+            f"stopped improving short of good: the updates carry almost no signal any more.",
+            {**evidence, "grad_vanish_ratio": th["grad_vanish_ratio"]},
+        )]
+    return []
+
+
+def _validation_plateau(history: pd.DataFrame, good: np.ndarray, primary: str, th: dict) -> list[dict]:
+    """Validation stops improving while the training loss still falls (and the best step is not early, which
+    `best_step_early` reports): the case for a schedule that lowers the LR as progress stalls."""
+    if "train/loss" not in history:
+        return []
+    n = len(good)
+    span = max(1, math.ceil(th["plateau_frac"] * n))
+    if n < th["early_min_rows"] or span >= n:
+        return []
+    best_i = int(np.argmax(good))
+    if best_i >= n - span or best_i + 1 <= th["early_frac"] * n:
+        return []
+    recent, total = _running_gain(good, span)
+    if total <= 0 or recent >= th["flat_frac"] * total:
+        return []
+    loss = _values(history, "train/loss")
+    if not np.isfinite(loss).all() or loss.max() <= loss.min():
+        return []
+    # the loss's own drop over the plateau, end against its start, both averaged so one noisy step decides nothing
+    rows = min(th["end_rows"], span)
+    drop = float(np.mean(loss[n - span - 1: n - span - 1 + rows]) - _end(loss, rows)) / float(loss.max() - loss.min())
+    if drop <= th["plateau_train_drop"]:
+        return []
+    steps = _steps(history)
+    return [_finding(
+        "validation_plateau", "early_plateau", "low",
+        f"{primary} stopped improving at step {int(steps[best_i])} of {n}: its best gained {_fmt(recent)} of a total "
+        f"{_fmt(total)} over the last {span} steps, while the training loss still fell by {drop:.0%} of its range "
+        f"there: training continues and validation does not follow.",
+        {"best_step": int(steps[best_i]), "epochs_run": n, "recent_gain": recent, "total_gain": total,
+         "train_loss_drop_share": drop},
     )]
 
 
@@ -306,12 +392,7 @@ def diagnose(history: pd.DataFrame, metrics: dict, primary: str, direction: str,
         raise ValueError(f"history has no column {primary!r} (the primary metric); columns: {list(history.columns)}")
     n = len(history)
     if n < th["min_rows"]:
-        short = _finding(
-            "insufficient_history", "unknown", "low",
-            f"Only {n} history rows (fewer than {th['min_rows']}): too short to judge the curves.",
-            {"rows": n, "min_rows": int(th["min_rows"])},
-        )
-        return _sorted([short, *averages])
+        return _sorted([_too_short(n, metrics, th), *averages])
 
     steps = _steps(history)
     val = _values(history, primary)
@@ -381,6 +462,13 @@ def diagnose(history: pd.DataFrame, metrics: dict, primary: str, direction: str,
                      "train_recent_gain": t_recent, "train_total_gain": t_total},
                 ))
 
+    train_short = None
+    if train is not None and good_enough is not None:
+        train_short = bool(sign * (good_enough - train_end) > 0)
+    found += _gradient_norms(history, good, train_short, th)
+    if not any(f["id"] == "overfitting" for f in found):
+        found += _validation_plateau(history, good, primary, th)
+
     # still improving at the end: compute-bound, or the LR is too low to converge in the budget
     recent, total = _running_gain(good, tail)
     if best_i >= n - tail and total > 0 and recent > th["still_improving_frac"] * total:
@@ -393,8 +481,9 @@ def diagnose(history: pd.DataFrame, metrics: dict, primary: str, direction: str,
              "total_gain": total, "recent_share": recent / total},
         ))
 
-    # saturated early: the budget after the best step bought nothing
-    if n >= th["early_min_rows"] and best_i + 1 <= th["early_frac"] * n:
+    # saturated early: the budget after the best step bought nothing. A curve that never moved has no peak (its
+    # first row only wins the tie): nothing was learnt, which is not saturation, and fewer steps would not help
+    if n >= th["early_min_rows"] and best_i + 1 <= th["early_frac"] * n and val.max() > val.min():
         found.append(_finding(
             "best_step_early", "early_plateau", "low",
             f"{primary} peaked at {_fmt(best_value)} at step {best_step} of {n} (within the first "

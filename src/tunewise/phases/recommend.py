@@ -93,10 +93,17 @@ def _overfitting(finding: dict, config: dict, knobs: dict) -> list[tuple]:
     return out
 
 
+# one step of the learning rate: half a decade, what a log grid of the LR moves by. Seed 004 raises a too-low LR
+# 10x at once; from a poor flat curve whose cause may also be capacity, one step is the safer move, and the next
+# diagnosis asks again
+LR_STEP = 3.0
+
+
 def _underfitting(finding: dict, config: dict, knobs: dict) -> list[tuple]:
     out = [
         ("capacity", "scale", 2.0, "high", "medium", "medium", "increase model capacity"),
-        ("lr", "scale", 3.0, "high", "medium", "low", "raise the learning rate"),
+        ("lr", "scale", LR_STEP, "high", "medium", "low",
+         f"raise the learning rate by one step (x{LR_STEP:g}): the training metric itself is poor and flat"),
         ("epochs", "scale", 2.0, "medium", "low", "medium", "train longer"),
     ]
     # less regularisation, only where there is some to remove
@@ -138,12 +145,39 @@ def _lr_too_high(finding: dict, config: dict, knobs: dict) -> list[tuple]:
 def _lr_too_low(finding: dict, config: dict, knobs: dict) -> list[tuple]:
     return [
         ("epochs", "scale", 2.0, "high", "low", "medium", "train longer"),
-        ("lr", "scale", 3.0, "medium", "medium", "low", "raise the learning rate"),
+        ("lr", "scale", LR_STEP, "medium", "medium", "low", "raise the learning rate"),
     ]
 
 
+def _too_short(finding: dict, config: dict, knobs: dict) -> list[tuple]:
+    """A run too short to judge: enough steps for at least twice the rows the diagnosis needs."""
+    evidence = finding.get("evidence") or {}
+    rows, need = evidence.get("rows") or 0, evidence.get("min_rows") or 4
+    factor = float(min(10, max(2, math.ceil(2 * need / rows)))) if rows else 4.0
+    return [("epochs", "scale", factor, "medium", "low", "medium",
+             f"train longer (x{factor:g}): the run is too short to judge")]
+
+
+# schedule.name values that are already a schedule (train/options.py SCHEDULES): the plateau advice adds one only
+# where there is none
+_NO_SCHEDULE = (None, "none")
+
+
+def _scheduler(config: dict, knobs: dict, name: str, why: str) -> list[tuple]:
+    if "scheduler" not in knobs or _current(config, _keys(knobs, "scheduler")[0]) not in _NO_SCHEDULE:
+        return []
+    return [("scheduler", "set", name, "medium", "low", "low", why)]
+
+
 def _early_plateau(finding: dict, config: dict, knobs: dict) -> list[tuple]:
-    out = []
+    # seed 004, pattern 3: a plateau calls for a schedule. Validation stalling mid-run while the training loss
+    # falls: reduce-on-plateau (the shared Schedule's "plateau", torch's ReduceLROnPlateau) lowers the LR at the
+    # stall it waits for. A best step in the first 10%: the run is also shortened below, and cosine decays over
+    # whatever length it gets without waiting `schedule.patience` epochs of a short run first
+    if finding["id"] == "best_step_early":
+        out = _scheduler(config, knobs, "cosine", "decay the learning rate over the run (cosine)")
+    else:
+        out = _scheduler(config, knobs, "plateau", "lower the learning rate when validation stalls (ReduceLROnPlateau)")
     best_step = (finding.get("evidence") or {}).get("best_step")
     epochs = _current(config, _keys(knobs, "epochs")[0]) if "epochs" in knobs else None
     if best_step is not None and _number(epochs):
@@ -174,6 +208,7 @@ PATTERNS = {
     "lr_too_high": _lr_too_high,
     "lr_too_low": _lr_too_low,
     "early_plateau": _early_plateau,
+    "too_short": _too_short,
     "noisy": _noisy,
     "resources": _resources,
 }

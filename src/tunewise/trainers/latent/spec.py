@@ -10,6 +10,7 @@ from pathlib import Path
 
 from tunewise.trainers.base import Capabilities, check_data_source
 from tunewise.trainers.latent import data as latent_data
+from tunewise.trainers.latent import diagnosis
 from tunewise.trainers.latent.design_settings import DEFAULT_DESIGN, check_design_config
 
 DEFAULT_CONFIG = {
@@ -51,6 +52,8 @@ class LatentSpec(Capabilities):
         "patience": "train.patience",
         "augmentation": "data.noise",
         "recon_weight": "loss.recon_weight",
+        # a mapping target -> weight (None: all 1); set whole by the task_imbalance pattern (latent/diagnosis.py)
+        "task_weights": "loss.task_weights",
         # the design's own knobs: tuned when the metric is a design metric (design/validated_score)
         "restarts": "design.restarts",
         "design_lr": "design.lr",
@@ -59,6 +62,13 @@ class LatentSpec(Capabilities):
         "alpha": "design.alpha",
     }
     open_config_keys = {"optim.param_groups", "data.split", "loss.task_weights", "design.bounds"}
+    diagnosis_thresholds = dict(diagnosis.THRESHOLDS)
+
+    def extra_findings(self, history, metrics: dict, thresholds: dict) -> list[dict]:
+        return diagnosis.task_findings(history, metrics, thresholds)
+
+    def recommendation_patterns(self) -> dict:
+        return {"task_imbalance": diagnosis.task_weights}
 
     def default_config(self) -> dict:
         return copy.deepcopy(DEFAULT_CONFIG)

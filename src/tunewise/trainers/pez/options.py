@@ -21,6 +21,9 @@ class PezConfig:
     only_ids: list | None = None
     fast_projection: bool | None = None  # bf16 shortlist + exact check; None = where it times faster
     patience: int | None = None  # evaluations without improvement before stopping; None = never
+    # an evaluation improves (for patience) only when its similarity beats the best at the last improvement by
+    # more than this: 0 counts any gain, as before the key existed
+    min_delta: float = 0.0
     restarts: int = 1
     seed: int = 0
     amp: Any = "auto"  # bf16 autocast on CUDA; ignored on the CPU
@@ -40,6 +43,9 @@ class PezConfig:
                 raise ValueError(f"PEZ option {key} must be >= 1, got {getattr(out, key)}")
         if out.batch_size is not None and out.batch_size < 1:
             raise ValueError(f"PEZ option batch_size must be >= 1 or null, got {out.batch_size}")
+        delta = out.min_delta
+        if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 <= delta < float("inf"):
+            raise ValueError(f"PEZ option min_delta must be a number >= 0, got {delta!r}")
         if out.loss_weight == 0:
             raise ValueError("PEZ option loss_weight must not be 0")
         return out

@@ -339,7 +339,7 @@ class PezResult:
     ids: list[int]
     similarity: float  # mean cosine of the best prompt's ids to all targets
     text_similarity: float  # the same for the decoded text tokenised again (what a user who copies it gets)
-    history: list[dict]  # per evaluation: restart, step, loss, current, best
+    history: list[dict]  # per evaluation: restart, step, loss, current, best, grad_norm, token_change
     steps: int  # optimisation steps run, all restarts together
     stopped_early: bool  # some restart stopped on patience
     seconds: float
@@ -437,8 +437,8 @@ def _run_once(tower: TextTower, vocab: Vocabulary, template: _Template, targets:
     subsets = gens[0]  # the first search's generator draws the target subsets, shared by all searches
     start = -math.inf if maximise else math.inf
     best, best_ids, since = [start] * n_groups, [None] * n_groups, [0] * n_groups
+    anchor = [start] * n_groups  # the best at the last improvement patience counted (min_delta)
     stopped, step, previous = False, 0, init_ids.to(device)
-    report_churn = callback is not None and n_groups > 1
     for step in range(cfg.iter):
         sub = targets[:, torch.randperm(n, generator=subsets)[: cfg.batch_size].to(device)] if sample else targets
         ids, hard = vocab.project(soft)
@@ -451,34 +451,42 @@ def _run_once(tower: TextTower, vocab: Vocabulary, template: _Template, targets:
         cos = torch.bmm(sub, feats.transpose(1, 2))  # [searches, targets, candidates], the reference's orientation
         losses = (1 - cos.mean(dim=(1, 2))) * cfg.loss_weight
         soft.grad, = torch.autograd.grad(losses.sum(), [hard])
+        last = step == cfg.iter - 1
+        evaluate = step % cfg.eval_every == 0 or last
+        if evaluate:  # seed 000: watch the gradient norms; each search's own prompt rows, one norm each
+            grad_norms = soft.grad.detach().float().reshape(n_groups, -1).norm(dim=1)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-        last = step == cfg.iter - 1
-        if step % cfg.eval_every == 0 or last:
+        if evaluate:
             with torch.no_grad():  # the features of this step's hard prompts are already here
                 scores = (cos.detach() if not sample else torch.bmm(targets, feats.detach().transpose(1, 2))).mean(dim=1)
                 pick = scores.argmax(dim=1) if maximise else scores.argmin(dim=1)
                 current = scores.gather(1, pick[:, None]).squeeze(1).tolist()
-                if report_churn:  # share of prompt tokens whose projection moved since the last evaluation
-                    changed = float((ids != previous).float().mean())
-                    previous = ids
+                # per search, the share of its prompt tokens whose projection moved since the last evaluation
+                changed = (ids != previous).reshape(n_groups, -1).float().mean(dim=1).tolist()
+                previous = ids
             grouped = ids.view(n_groups, cfg.prompt_bs, cfg.prompt_len)
             loss_values = losses.detach().tolist()
+            norms = grad_norms.tolist()
             for g in range(n_groups):
                 if _better(current[g], best[g], maximise):
-                    best[g], best_ids[g], since[g] = current[g], grouped[g, int(pick[g])].tolist(), 0
+                    best[g], best_ids[g] = current[g], grouped[g, int(pick[g])].tolist()
+                if _better(current[g], anchor[g] + (cfg.min_delta if maximise else -cfg.min_delta), maximise):
+                    anchor[g], since[g] = current[g], 0
                 else:
                     since[g] += 1
                 histories[g].append({"restart": restart, "step": step, "loss": loss_values[g], "current": current[g],
-                                     "best": best[g]})
+                                     "best": best[g], "grad_norm": norms[g], "token_change": changed[g]})
             if callback is not None:
                 if n_groups == 1:
                     callback(histories[0][-1])
                 else:
                     callback({"restart": restart, "step": step, "loss": sum(loss_values) / n_groups,
                               "current": sum(current) / n_groups, "best": sum(best) / n_groups,
-                              "token_change": changed, "current_each": current, "best_each": list(best)})
+                              "token_change": sum(changed) / n_groups, "grad_norm": sum(norms) / n_groups,
+                              "grad_norm_max": max(norms), "current_each": current, "best_each": list(best),
+                              "ids": grouped})
             if cfg.patience is not None and min(since) >= cfg.patience and not last:
                 stopped = True
                 if bar is not None:
@@ -506,7 +514,10 @@ def optimize_prompts(model: nn.Module, tokenizer, targets, cfg: PezConfig | dict
     separate optimize_prompt with that seed would find (up to floating-point rounding of the batched GEMMs).
 
     `callback(row)` receives each evaluation: with one search its history row, with several the means over
-    the searches plus `current_each` / `best_each` lists and `token_change` (a reporter may raise to stop)."""
+    the searches plus `current_each` / `best_each` lists, `grad_norm_max` and the projected prompts `ids`
+    [G, prompt_bs, prompt_len] (a reporter may raise to stop). A row's `grad_norm` is the norm of the loss
+    gradient at the search's projected prompt embeddings, `token_change` the share of its prompt tokens whose
+    projection moved since the previous evaluation."""
     cfg = PezConfig.of(cfg)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     t0 = time.perf_counter()

@@ -9,7 +9,7 @@ import copy
 from pathlib import Path
 
 from tunewise.trainers.base import Capabilities, check_data_source
-from tunewise.trainers.pez import TINY_CLIP_NAME, TINY_IMAGE_SIZE, folder, shapes
+from tunewise.trainers.pez import TINY_CLIP_NAME, TINY_IMAGE_SIZE, diagnosis, folder, shapes
 
 CLIP_DIR = "clip"  # under the prepared data directory: the embedded tiny CLIP
 SHAPES_DIR = "shapes"  # under it too: the generated shapes a tiny CLIP learns from when the user's images have no captions
@@ -51,6 +51,7 @@ DEFAULT_CONFIG = {
         "exclude_special": True,
         "exclude_non_ascii": False,
         "patience": None,
+        "min_delta": 0.0,  # patience counts an evaluation as an improvement only above this gain in similarity
         "restarts": 1,
         "amp": "auto",
     },
@@ -141,8 +142,18 @@ class PezSpec(Capabilities):
     # Its best-so-far similarity makes most of its gain in the first steps (the first matching words), so a search
     # that is far from done still gains only 5-7% of its total in the last quarter (lr 0.003, 60 steps: 0.86 ->
     # 0.93 of the captions' similarity while the first steps gained 0.9): still improving from 5% on.
-    diagnosis_thresholds = {"loss_jitter_rel": 1.0, "still_improving_frac": 0.05}
+    # For the same reason its loss rises in the second half of a healthy search as often as not (26% of its range
+    # above its minimum at the end at lr 0.1, 200 steps, on the embedded data), so a rising loss counts from half
+    # its range. Its own rules (prompt churn and freeze, pez/diagnosis.py) bring their thresholds.
+    diagnosis_thresholds = {"loss_jitter_rel": 1.0, "still_improving_frac": 0.05, "rising_frac": 0.5,
+                            **diagnosis.THRESHOLDS}
     report_sections = ("tunewise.trainers.pez.report:prompt_section",)
+
+    def extra_findings(self, history, metrics: dict, thresholds: dict) -> list[dict]:
+        return diagnosis.prompt_findings(history, metrics, thresholds)
+
+    def recommendation_patterns(self) -> dict:
+        return {"lr_too_low": diagnosis.lr_too_low}
 
     def primary_metric_for(self, config: dict) -> str:
         """The caption ratio needs captions: a folder of images without them is measured by the prompts'
@@ -155,7 +166,7 @@ class PezSpec(Capabilities):
         val = ["similarity", "random_similarity", "random_best_similarity"]
         if has_captions(config["data"]):
             val += ["caption_ratio", "caption_similarity"]
-        return [f"val/{n}" for n in val] + ["train/loss", "train/similarity", "train/token_change"]
+        return [f"val/{n}" for n in val] + ["train/loss", "train/similarity", "train/token_change", "train/prompt_churn"]
 
 
     def preparation_steps(self, config: dict) -> dict[str, str]:

@@ -244,20 +244,23 @@ class PezTrainer(PezSpec):
         every = int(config["train"]["report_every"])
         n_groups = len(ids)
         best = [-math.inf] * n_groups  # over restarts
-        window = {"loss": [], "current": [], "token_change": []}
+        window = {"loss": [], "current": [], "token_change": [], "grad_norm": []}
         rows: list[dict] = []
         t0 = time.perf_counter()
         last_t = t0
+        logged_ids = None  # the prompts at the last history row (churn: how many tokens moved since)
+        logged_restart = 0  # a restart starts from new random prompts: no churn across its first row
 
         def on_eval(row: dict) -> None:
-            nonlocal last_t
+            nonlocal last_t, logged_ids, logged_restart
             current = row.get("current_each", [row["current"]])
             for g, b in enumerate(row.get("best_each", [row["best"]])):
                 best[g] = max(best[g], b)
             window["loss"].append(row["loss"])
             window["current"].append(sum(current) / n_groups)
-            if "token_change" in row:
-                window["token_change"].append(row["token_change"])
+            for key in ("token_change", "grad_norm"):
+                if key in row:
+                    window[key].append(row[key])
             step = row["restart"] * cfg.iter + row["step"] + 1
             if step % every and step != cfg.iter * cfg.restarts:
                 return
@@ -280,6 +283,16 @@ class PezTrainer(PezSpec):
             }
             if window["token_change"]:
                 out["train/token_change"] = sum(window["token_change"]) / len(window["token_change"])
+            if window["grad_norm"]:  # mean over the window's steps of the searches' mean prompt-gradient norm
+                out["grad_norm"] = sum(window["grad_norm"]) / len(window["grad_norm"])
+            if row.get("ids") is not None:
+                # share of all searches' prompt tokens that differ from the previous row's (none on a first row:
+                # nothing logged before it, or a restart's new random start)
+                ids = row["ids"]
+                if logged_ids is not None and logged_ids.shape == ids.shape and row["restart"] == logged_restart:
+                    out["train/prompt_churn"] = float((ids != logged_ids).float().mean())
+                logged_ids = ids.clone()
+                logged_restart = row["restart"]
             last_t = now
             for v in window.values():
                 v.clear()
