@@ -211,7 +211,8 @@ def test_html_report_embeds_every_report_and_plot_by_experiment_and_phase(finish
         EXP: {
             "Phase 2: baseline": {f"{plots}/baseline_curves.png"},
             "Phase 3: diagnosis": {f"{exp}/diagnostic_report.md"},
-            "Phase 4: optimization": {f"{exp}/optimization_results.md", f"{plots}/curves_comparison.png"},
+            "Phase 4: optimization": {f"{exp}/optimization_results.md", f"{plots}/rounds.png", f"{exp}/round_results.md",
+                                      f"{plots}/curves_comparison.png"},
             "Significance": {f"{exp}/significance.md", f"{plots}/seed_scores.png"},
             "Phase 5: finalization": {f"{exp}/final_report.md"},
             "Design": {f"{exp}/design_report.md", f"{plots}/design_trajectories.png", f"{plots}/design_scores.png"},

@@ -143,7 +143,8 @@ def possible_strategies(exp: dict, diagnosis: dict) -> set[str]:
 
 def recommended_space(diagnosis: dict) -> dict:
     """A sweep space over the knobs the diagnosis recommended changing: each numeric change spans from half the
-    smaller to twice the larger of its old and new values (log-scaled where both are positive)."""
+    smaller to twice the larger of its old and new values, log-scaled where both are positive. Non-negative
+    values stay non-negative, and a fraction (a value in [0.05, 1]: dropout, momentum) stays below 1."""
     space = {}
     for change in diagnosis.get("changes") or []:
         old, new, key = change.get("old"), change.get("new"), change.get("key")
@@ -153,8 +154,9 @@ def recommended_space(diagnosis: dict) -> dict:
         low, high = min(numbers), max(numbers)
         if all(isinstance(v, int) for v in numbers):
             space[key] = {"type": "int", "low": max(1, low // 2) if low > 0 else low, "high": max(high * 2, low + 1)}
-        elif low > 0:
-            space[key] = {"type": "float", "low": low / 2, "high": high * 2, "log": True}
+        elif low >= 0:
+            top = min(high * 2, (1 + high) / 2) if 0.05 <= high <= 1 else high * 2
+            space[key] = {"type": "float", "low": low / 2, "high": top, **({"log": True} if low > 0 else {})}
         else:
             space[key] = {"type": "float", "low": low - abs(high - low), "high": high + abs(high - low)}
     return space
