@@ -385,6 +385,13 @@ def _index_row(exp_dir: Path, reports_dir: Path, index: Path) -> dict:
     diag = read_json(exp_dir / "diagnosis" / "diagnosis.json")
     sig = read_json_if_exists(exp_dir / "significance" / "significance.json")
     decision = read_json_if_exists(exp_dir / "significance" / "decision.json")
+    # over several rounds: the loop's conclusion, and the round whose optimized config it keeps
+    concluded = read_json_if_exists(exp_dir / "loop" / "decision.json")
+    kept = None
+    if concluded:
+        decision = concluded
+        if concluded.get("config_side") == "optimized" and concluded.get("config_round", 1) > 1:
+            kept = read_json_if_exists(exp_dir / f"round{concluded['config_round']}" / "significance" / "significance.json")
     final = read_json_if_exists(exp_dir / "final" / "final.json")
     metric = diag["metric"]
     row: dict[str, Any] = {
@@ -397,9 +404,10 @@ def _index_row(exp_dir: Path, reports_dir: Path, index: Path) -> dict:
         row["baseline_mean"], row["baseline_std"] = sig["baseline"].get("mean"), sig["baseline"].get("std")
         if sig.get("skipped"):
             row["optimization_skipped"] = True
-        elif isinstance(sig.get("optimized"), dict):
-            row["optimized_mean"], row["optimized_std"] = sig["optimized"].get("mean"), sig["optimized"].get("std")
-        row["verdict"] = sig.get("verdict")
+        elif isinstance((kept or sig).get("optimized"), dict):
+            shown = kept or sig
+            row["optimized_mean"], row["optimized_std"] = shown["optimized"].get("mean"), shown["optimized"].get("std")
+        row["verdict"] = (kept or sig).get("verdict")
     else:
         # no multi-seed numbers yet: the single baseline run is all there is
         candidates = [exp_dir / "baseline" / "metrics.json"]
