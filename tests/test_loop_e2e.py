@@ -113,6 +113,10 @@ def test_the_killed_round_finished_as_if_never_killed(workflow):
     # every round has its own parent run, and round 2's runs say so
     names = Counter(r.info.run_name for r in runs)
     assert names["significance"] == 1 and names["significance-round2"] == 1 and names["loop"] == 1
+    # the experiment's files stay on its one `workflow` run, a later round's under round<r>/
+    (flow,) = [r for r in runs if r.info.run_name == "workflow"]
+    logged = {a.path for a in client.list_artifacts(flow.info.run_id, "round2")}
+    assert {"round2/experiment.yaml", "round2/gates"} <= logged
     assert {r.data.tags.get("round") for r in runs if "/round2/" in r.data.tags.get("run_dir", "")} == {"2"}
     proc = snakemake(workflow, "-n", "--cores", "2", configfile=workflow / "config.yaml")
     assert "Nothing to be done" in proc.stdout + proc.stderr, proc.stdout[-2000:]

@@ -136,7 +136,7 @@ def cmd_next_round(args) -> None:
     """The experiment.yaml of the round after this one (seed 004's loop: B or C said go on)."""
     from tunewise.phases.rounds import write_next_experiment
 
-    write_next_experiment(_experiment(args), _exp_dir(args), Path(args.decision), Path(args.out))
+    write_next_experiment(_experiment(args), _exp_dir(args), Path(args.decision), Path(args.out), rule=args.rule)
 
 
 def cmd_conclude(args) -> None:

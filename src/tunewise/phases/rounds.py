@@ -220,7 +220,7 @@ def next_experiment(exp: dict, exp_dir: Path, decision: dict) -> dict:
     return nxt
 
 
-def write_next_experiment(exp: dict, exp_dir: Path, decision_path: Path, out: Path) -> dict:
+def write_next_experiment(exp: dict, exp_dir: Path, decision_path: Path, out: Path, rule: str | None = None) -> dict:
     from tunewise.config import dump_yaml
     from tunewise.runs import atomic_write_text, read_json
 
@@ -231,6 +231,10 @@ def write_next_experiment(exp: dict, exp_dir: Path, decision_path: Path, out: Pa
 
         raise CliError(f"--out {out}: round {nxt['round']['index']}'s experiment belongs at {expected}")
     atomic_write_text(Path(out), dump_yaml(nxt))
+    if rule is not None:  # as a workflow job: on the experiment's `workflow` run, under round<r>/
+        from tunewise.phases import tracked
+
+        tracked.log_experiment_files(nxt, Path(out).parent, rule, {Path(out): None})
     print(f"round {nxt['round']['index']} of {exp['name']}: {nxt['optimize']['strategy']} from the "
           f"{nxt['round']['incumbent']['side']} config of round {nxt['round']['incumbent']['round']}")
     return nxt

@@ -32,7 +32,7 @@ def base_tags(exp: dict, phase: str, rule: str | None, config: dict | None = Non
 def parent_run(tracker, exp: dict, exp_dir: Path, name: str, rule: str | None = None) -> str:
     """The experiment's parent run `name` (significance, sweep, iterative), its id kept in exp_dir/tracking.json;
     a later optimization round has its own, named after it (significance-round2)."""
-    if exp.get("round"):
+    if exp.get("round") and name != "workflow":
         name = f"{name}-round{exp['round']['index']}"
     return tracker.parent_run(name, base_tags(exp, name, rule), Path(exp_dir) / "tracking.json")
 
@@ -43,6 +43,10 @@ def log_experiment_files(exp: dict, exp_dir: Path, rule: str | None, files: dict
     a job that runs again replaces its files there, it never adds a run. The run is ended after each job, so
     the MLflow UI never shows it as still running. `files`: {path: artifact folder or None}."""
     t = tracker(exp)
+    rnd = exp.get("round") or {}
+    if rnd:  # a later optimization round's files go to the experiment's run too, under round<r>/
+        exp_dir = Path(rnd["base_dir"])
+        files = {path: "/".join(p for p in (f"round{rnd['index']}", folder) if p) for path, folder in files.items()}
     run_id = parent_run(t, exp, exp_dir, "workflow", rule)
     for path, folder in files.items():
         t.log_artifact(run_id, path, folder)
