@@ -11,6 +11,7 @@ import copy
 from tunewise.train.options import OPTIMIZERS, SCHEDULES
 from tunewise.trainers.base import Capabilities, check_data_source
 from tunewise.trainers.textcaps import data_config as tc_data
+from tunewise.trainers.textcaps import diagnosis
 from tunewise.trainers.textcaps.data_config import VOCAB_SIZE
 from tunewise.trainers.textcaps.encoder_specs import MODALITIES, check_encoder_spec
 from tunewise.trainers.textcaps.options import OBJECTIVES, SEP_METHODS, UPDATE_MODES
@@ -202,6 +203,7 @@ class TextCapsSpec(Capabilities):
         "grad_clip": "train.grad_clip",
         "patience": "train.patience",
         "augmentation": "data.augment",
+        "groupdro": "groupdro.enabled",
         "groupdro_eta": "groupdro.eta",
         "groupdro_warmup": "groupdro.warmup_epochs",
         "lambda_fit": "anchors.lambda_fit",
@@ -211,6 +213,15 @@ class TextCapsSpec(Capabilities):
     # encoder specs carry encoder-specific keys (width, weights, hidden, channels, ...): build_encoder checks them
     open_config_keys = {"optim.param_groups", "model.visual", "model.text", "data.classes"}
     report_sections = ("tunewise.trainers.textcaps.report:group_section",)
+    # its own rules' thresholds (diagnosis.py), configurable as diagnose.thresholds.<key>
+    diagnosis_thresholds = dict(diagnosis.THRESHOLDS)
+
+    def extra_findings(self, history, metrics: dict, thresholds: dict) -> list[dict]:
+        """Group gap, GroupDRO's q, the anchors' fit, class overlap and confused pairs (diagnosis.py)."""
+        return diagnosis.findings(history, metrics, thresholds)
+
+    def recommendation_patterns(self) -> dict:
+        return dict(diagnosis.PATTERNS)
 
     def default_config(self) -> dict:
         return copy.deepcopy(DEFAULT_CONFIG)
