@@ -30,8 +30,9 @@ THRESHOLDS: dict = {
     # its first-epoch value: the latents and their class anchors never met
     "anchor_fit_min_drop": 0.15,
     # class overlap: between-class over within-class scatter of the validation latents at the end below this,
-    # and not growing over the second half
-    "class_sep_min": 0.05,
+    # and not growing over the second half. Latents that ignore the class measure ~0.02 (400 samples, 64
+    # dimensions); 8-epoch runs on the generator's data end at 0.4-0.6, with or without the separation loss
+    "class_sep_min": 0.1,
     # confusion concentrated: the 3 most confused class pairs take more than this share of the validation
     # errors (45 pairs of 10 classes: spread evenly, 3 pairs would take 7%)
     "confusion_share_max": 0.5,
