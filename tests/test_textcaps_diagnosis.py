@@ -82,6 +82,9 @@ def test_a_persistent_group_gap_is_found_with_its_numbers_and_switches_groupdro_
     assert gap["evidence"]["group_gap_end"] == pytest.approx(np.mean(majority[-3:] - minority[-3:]))
     assert gap["evidence"]["group_gap_shrink"] < 0.25 and gap["evidence"]["worst_group_acc_end"] < 0.05
     assert "minority" in gap["summary"] and "majority" in gap["summary"]
+    # a group the validation split lacks (all nan) is left out, not a reason to judge nothing
+    with_absent = history.assign(**{"val/acc/absent": float("nan")})
+    assert own(with_absent, {"status": "done"})["group_gap"]["evidence"] == gap["evidence"]
 
     config = get_spec("textcaps").default_config()
     config["groupdro"]["enabled"] = False

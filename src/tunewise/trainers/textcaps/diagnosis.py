@@ -74,7 +74,8 @@ def _after_warmup(history, metrics: dict):
 def group_gap(history, metrics: dict, th: dict) -> list[dict]:
     import numpy as np
 
-    columns = [c for c in history.columns if _GROUP_ACC.match(c)]
+    # a group absent from the validation split has no accuracy (nan): it has no gap either
+    columns = [c for c in history.columns if _GROUP_ACC.match(c) and np.isfinite(_values(history, c)).any()]
     if len(columns) < 2 or len(history) < th["min_rows"]:
         return []
     accs = np.stack([_values(history, c) for c in columns], axis=1)
