@@ -39,7 +39,7 @@ RUNS_PER_CONDITION = 10
 AA_CHUNK = 50  # A/A runs per worker task: one temporary directory and one import per chunk, not per run
 EXPERIMENT = "latent_tiny"
 # the other trainers' parts: modules in bench/ with a rows() -> list of table rows
-TRAINER_PARTS = ("trust_pez",)
+TRAINER_PARTS = ("trust_pez", "trust_textcaps")
 PRIMARY = {"name": "val/r2_mean", "direction": "max"}
 
 # the runs are thrown away: keep their files in memory where the machine offers it

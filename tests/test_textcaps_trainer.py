@@ -67,8 +67,13 @@ def test_run_writes_per_group_metrics(tmp_path, tiny):
         groups = hist[[f"{split}/acc/majority", f"{split}/acc/minority"]]
         pd.testing.assert_series_equal(worst, groups.min(axis=1), check_names=False)
     assert "val/acc/minority/mobile_phone" in hist  # per group and class, on val
-    for col in ("q/majority", "q/minority", "train/ce", "train/anchor_fit", "train/anchor_sep", "lr", "grad_norm"):
+    for col in ("q/majority", "q/minority", "train/ce", "train/anchor_fit", "train/anchor_sep", "lr", "grad_norm",
+                "groupdro/q_entropy", "groupdro/q_max", "val/class_sep", "val/confusion_top_share"):
         assert col in hist and hist[col].notna().all(), col
+    # what the textcaps diagnosis reads: q's spread, and the confused pairs by name at the best step
+    assert hist["groupdro/q_max"].round(9).eq(hist[["q/majority", "q/minority"]].max(axis=1).round(9)).all()
+    assert hist["groupdro/q_entropy"].iloc[0] == pytest.approx(1.0)
+    assert all(set(p) == {"classes", "errors"} and p["errors"] > 0 for p in metrics["val_confusion_pairs"])
     assert (hist["q/majority"] + hist["q/minority"]).round(9).eq(1.0).all()
     # warm-up epoch: q uniform; afterwards GroupDRO moves weight onto the harder (minority) group
     assert hist["q/minority"].iloc[0] == pytest.approx(0.5)

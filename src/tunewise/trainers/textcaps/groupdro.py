@@ -150,6 +150,14 @@ class GroupDRO:
             raise ValueError(f"GroupDRO.log_values: {len(names)} names for {self.n_groups} groups")
         return {f"q/{name}": value for name, value in zip(names, self.q.tolist())}
 
+    def concentration(self) -> dict[str, float]:
+        """How q spreads its weight, for the diagnosis: {"groupdro/q_entropy": H(q) / log G (1 uniform, 0 one group
+        takes all), "groupdro/q_max": the largest q_g}."""
+        q = self.q.detach().double().cpu()
+        entropy = float(-(q * q.clamp_min(1e-300).log()).sum())
+        norm = float(torch.log(torch.tensor(float(self.n_groups)))) if self.n_groups > 1 else 1.0
+        return {"groupdro/q_entropy": entropy / norm if self.n_groups > 1 else 1.0, "groupdro/q_max": float(q.max())}
+
     def state_dict(self) -> dict:
         return {
             "n_groups": self.n_groups,

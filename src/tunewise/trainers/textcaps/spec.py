@@ -11,6 +11,7 @@ import copy
 from tunewise.train.options import OPTIMIZERS, SCHEDULES
 from tunewise.trainers.base import Capabilities, check_data_source
 from tunewise.trainers.textcaps import data_config as tc_data
+from tunewise.trainers.textcaps import diagnosis
 from tunewise.trainers.textcaps.data_config import VOCAB_SIZE
 from tunewise.trainers.textcaps.encoder_specs import MODALITIES, check_encoder_spec
 from tunewise.trainers.textcaps.options import OBJECTIVES, SEP_METHODS, UPDATE_MODES
@@ -202,6 +203,7 @@ class TextCapsSpec(Capabilities):
         "grad_clip": "train.grad_clip",
         "patience": "train.patience",
         "augmentation": "data.augment",
+        "groupdro": "groupdro.enabled",
         "groupdro_eta": "groupdro.eta",
         "groupdro_warmup": "groupdro.warmup_epochs",
         "lambda_fit": "anchors.lambda_fit",
@@ -211,6 +213,22 @@ class TextCapsSpec(Capabilities):
     # encoder specs carry encoder-specific keys (width, weights, hidden, channels, ...): build_encoder checks them
     open_config_keys = {"optim.param_groups", "model.visual", "model.text", "data.classes"}
     report_sections = ("tunewise.trainers.textcaps.report:group_section",)
+    # its own rules' thresholds (diagnosis.py), configurable as diagnose.thresholds.<key>, and two generic ones
+    # for curves that behave differently here (measured on 8-epoch runs of the generator's data, bench `trust`):
+    # - train_jitter_rel: train/worst_group_acc is a minimum over groups, and which group is worst flips between
+    #   epochs; its step-to-step std over the second half was 11-21% of its range at the default lr and 7-19% at
+    #   10x that lr, so it tells nothing of the step size (the update ratio does: 0.003 vs 0.022). Above 0.3 only,
+    #   a jumpy validation curve is read as noise, not as a learning rate too high;
+    # - loss_jitter_rel: train/loss is the q-weighted objective, which moves as q moves: 0.2-14% of its range at
+    #   both learning rates (the generic 10% would call a GroupDRO run's loss oscillating).
+    diagnosis_thresholds = {**diagnosis.THRESHOLDS, "train_jitter_rel": 0.3, "loss_jitter_rel": 0.25}
+
+    def extra_findings(self, history, metrics: dict, thresholds: dict) -> list[dict]:
+        """Group gap, GroupDRO's q, the anchors' fit, class overlap and confused pairs (diagnosis.py)."""
+        return diagnosis.findings(history, metrics, thresholds)
+
+    def recommendation_patterns(self) -> dict:
+        return dict(diagnosis.PATTERNS)
 
     def default_config(self) -> dict:
         return copy.deepcopy(DEFAULT_CONFIG)

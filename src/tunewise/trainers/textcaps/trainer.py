@@ -49,6 +49,33 @@ def confusion_matrix(logits: torch.Tensor, labels: torch.Tensor, n_classes: int)
     return torch.bincount(cells, minlength=n_classes * n_classes).view(n_classes, n_classes).tolist()
 
 
+def confusion_pairs(matrix: list[list[int]], classes: Sequence[str], top: int = 3) -> tuple[float, list[dict]]:
+    """(share of all misclassifications on the `top` most confused class pairs, those pairs as {classes, errors});
+    a pair counts both directions. A share of nan without errors."""
+    n = len(matrix)
+    pairs = sorted(((matrix[i][j] + matrix[j][i], i, j) for i in range(n) for j in range(i + 1, n)), reverse=True)
+    errors = sum(count for count, _, _ in pairs)
+    if not errors:
+        return float("nan"), []
+    kept = [p for p in pairs[:top] if p[0] > 0]
+    return sum(p[0] for p in kept) / errors, [{"classes": [classes[i], classes[j]], "errors": int(c)} for c, i, j in kept]
+
+
+def class_separation(z: torch.Tensor, labels: torch.Tensor, n_classes: int) -> float:
+    """How far apart the classes lie in the latent space: the spread of the class means (between-class scatter,
+    its trace, each class weighted by its samples) over the spread within the classes (within-class scatter).
+    About 0 when the classes lie on top of each other; nan with fewer than two classes present."""
+    z = z.double()
+    onehot = torch.nn.functional.one_hot(labels.long(), n_classes).double()
+    counts = onehot.sum(0)
+    if int((counts > 0).sum()) < 2:
+        return float("nan")
+    means = (onehot.T @ z) / counts.clamp_min(1)[:, None]
+    within = float(((z - means[labels.long()]) ** 2).sum())
+    between = float((counts[:, None] * (means - z.mean(0)) ** 2).sum())
+    return between / within if within > 0 else float("inf")
+
+
 def metric_name(text: str) -> str:
     """A class or group name as a metric-name part ("Mobile phone" -> "mobile_phone")."""
     return re.sub(r"[^0-9a-z_.-]+", "_", str(text).lower()).strip("_") or "unnamed"
@@ -193,16 +220,21 @@ class TextCapsTrainer(TextCapsSpec):
     # --- metrics --------------------------------------------------------------------------------
     @staticmethod
     def _predict(model: TextCapsModel, ds: tc_data.TextCapsDataset, indices: torch.Tensor, device,
-                 batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(logits float [n, C] on host, labels, groups, per-sample CE) in batches, in the index order given."""
-        logits, labels, groups = [], [], []
+                 batch_size: int, latents: list | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits float [n, C] on host, labels, groups, per-sample CE) in batches, in the index order given; the
+        latents [n, d] (host, float) appended to `latents` when given."""
+        logits, labels, groups, zs = [], [], [], []
         for i in range(0, len(indices), batch_size):
             images, texts, y, g, counts = sorted_batch(ds, indices[i : i + batch_size])
-            _, out = model(images.to(device, non_blocking=True), texts.to(device, non_blocking=True), counts.tolist())
+            z, out = model(images.to(device, non_blocking=True), texts.to(device, non_blocking=True), counts.tolist())
             logits.append(out.float().cpu())
             labels.append(y)
             groups.append(g)
+            if latents is not None:
+                zs.append(z.float().cpu())
         logits, labels, groups = torch.cat(logits), torch.cat(labels), torch.cat(groups)
+        if latents is not None:
+            latents.append(torch.cat(zs))
         return logits, labels, groups, F.cross_entropy(logits, labels, reduction="none")
 
     @staticmethod
@@ -325,11 +357,19 @@ class TextCapsTrainer(TextCapsSpec):
                 out[f"train/{k}"] = float(v) / steps_done
             sums.clear()
             for split, (ds, idx) in eval_sets.items():
-                logits, labels, groups, losses = self._predict(model, ds, idx, device, eval_bs)
+                latents: list = []
+                logits, labels, groups, losses = self._predict(model, ds, idx, device, eval_bs,
+                                                               latents if split == "val" else None)
                 split_metrics = self._split_metrics(split, logits, labels, groups, losses, names, classes, split == "val")
-                if split == "val" and state["step"] is not None:
-                    confusions["steps"][str(state["step"])] = confusion_matrix(logits, labels, len(classes))
-                    write_json(confusion_path, confusions)
+                if split == "val":
+                    # what the textcaps diagnosis reads (spec.py's extra_findings): how far apart the classes lie
+                    # in the latent space, and how much of the confusion a few class pairs take
+                    matrix = confusion_matrix(logits, labels, len(classes))
+                    split_metrics["val/class_sep"] = class_separation(latents[0], labels, len(classes))
+                    split_metrics["val/confusion_top_share"] = confusion_pairs(matrix, classes)[0]
+                    if state["step"] is not None:
+                        confusions["steps"][str(state["step"])] = matrix
+                        write_json(confusion_path, confusions)
                 if split == "train":
                     # train/loss stays the loop's mean of the optimised objective over the epoch (train mode, every
                     # step); the eval-mode loss of the fixed subset swings with how much the model leans on the
@@ -337,6 +377,7 @@ class TextCapsTrainer(TextCapsSpec):
                     split_metrics["train/eval_loss"] = split_metrics.pop("train/loss")
                 out.update(split_metrics)
             out.update({f"q/{metric_name(k.split('/', 1)[1])}": v for k, v in dro.log_values(names).items()})
+            out.update(dro.concentration())
             return out
 
         fit_config = {**config, "optim": optim_config(config, model)}
@@ -359,6 +400,10 @@ class TextCapsTrainer(TextCapsSpec):
         if dro.enabled and 0 < dro.warmup_epochs < int(tcfg["epochs"]):
             # the loss before this step is plain ERM's: the diagnosis judges the loss curve from here
             result.metrics["objective_from_step"] = dro.warmup_epochs + 1
+        best = confusions["steps"].get(str(result.metrics.get("best_step")))
+        if best is not None:
+            # the class pairs behind val/confusion_top_share at the best step, by name (the history has numbers only)
+            result.metrics["val_confusion_pairs"] = confusion_pairs(best, classes)[1]
         result.metrics["n_train"] = len(train_ds)
         result.metrics["group_counts"] = dict(zip(names, train_ds.group_counts()))
         result.metrics["data_summary"] = {s: ds.records.summary for s, ds in datasets.items()}
