@@ -56,7 +56,9 @@ def test_c_rediagnoses_tries_the_next_strategy_then_reverts_with_the_reason(work
     final = _loop(workflow, "toy_c")["final"]
     assert (final["chosen_side"], final["config_round"], final["verified_by"]) == ("baseline", 1, None)
     text = (workflow / "reports" / "toy_c" / "optimization_results.md").read_text()
-    assert "**Decision: Option C" in text and "revert to the baseline config" in text
+    assert "**Decision: Option C" in text
+    # round 2 started from the baseline again: the decision names the config it keeps by its round
+    assert "revert to the config round 2 started from (the baseline config of round 1)" in text
     assert json.loads((workflow / "results" / "toy_c" / "final" / "final.json").read_text())["chosen_side"] == "baseline"
 
 

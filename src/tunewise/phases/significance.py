@@ -264,6 +264,11 @@ def decide_round(exp: dict, exp_dir: Path, diag: dict, sig: dict) -> dict:
                       open_findings=open_findings, out_of_time=out_of_time,
                       next_strategy=next_strategy(strategy, rounds.possible_strategies(exp, diag)),
                       skip_reason=diag["strategy"]["reason"] if skipped else None)
+    if index > 1:  # a later round's "baseline" is the config it started from: say which, not the experiment's
+        start = rounds.round_info(exp).get("incumbent") or {}
+        decision["rationale"] = decision["rationale"].replace(
+            "the baseline config", f"the config round {index} started from (the {start.get('side')} config of round "
+                                   f"{start.get('round')})").replace(" vs baseline ", " vs its starting config ")
     decision.update({
         "target": fin["target"], "round": index, "strategy": strategy, "attempts": attempts,
         "rounds_left": max(0, fin["max_iterations"] - (index - 1)), "minutes_elapsed": elapsed,
