@@ -49,13 +49,18 @@ wildcard_constraints:
 
 def base_exp(exp):
     """The experiment a round folder belongs to: latent_mp for latent_mp/round2."""
-    return exp.split("/round")[0] if re.search(r"/round\d+$", exp) else exp
+    return re.sub(r"[/]round\d+$", "", exp)
 
 
 def round_of(exp):
     """1 for the experiment's own folders, r for results/<exp>/round<r>/."""
-    m = re.search(r"/round(\d+)$", exp)
+    m = re.search(r"[/]round(\d+)$", exp)
     return int(m.group(1)) if m else 1
+
+
+def previous_round(wildcards):
+    """The round before round `n` of experiment `base` (rule plan_round)."""
+    return round_exp(wildcards.base, int(wildcards.n) - 1)
 
 
 def round_exp(exp, index):

@@ -4,10 +4,6 @@
 # workflow picks the loop up where its files stop.
 
 
-def previous_round(wildcards):
-    return round_exp(wildcards.base, int(wildcards.n) - 1)
-
-
 rule plan_round:
     wildcard_constraints:
         base=BASE_EXP,
