@@ -280,30 +280,67 @@ def _statistics_rows(values: list[float]) -> list[dict]:
     return rows
 
 
-def _diagnosis_rows(results: list[dict], conditions: dict) -> list[dict]:
+def run_pool(job, tasks: list, workers: int = WORKERS) -> list:
+    """`job` over `tasks` in `workers` spawned processes (one torch thread each), results in completion order."""
+    pool = get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(str(REPO / "src"),))
+    try:
+        results = list(pool.imap_unordered(job, tasks))
+    except BaseException:
+        pool.terminate()
+        raise
+    else:
+        pool.close()  # let the workers exit on their own: no leaked semaphores at shutdown
+    finally:
+        pool.join()
+    return results
+
+
+def print_findings(label: str, results: list[dict], conditions: dict) -> None:
+    """One stderr line per condition: its runs, their mean time and how often each finding fired."""
+    for name in conditions:
+        runs = [r for r in results if r["name"] == name]
+        counts = Counter(fid for r in runs for fid, _ in r["findings"])
+        mean_s = sum(r["seconds"] for r in runs) / len(runs)
+        print(f"  trust {label}{name}: {len(runs)} runs, {mean_s:.1f} s each, findings {dict(sorted(counts.items()))}",
+              file=sys.stderr)
+
+
+def diagnosis_rows(results: list[dict], conditions: dict, named_causes: dict[str, set[str]], prefix: str = "",
+                   extra: list[dict] = ()) -> list[dict]:
+    """The diagnosis rows of the trust table, for one trainer.
+
+    `results`: runs as {"name": condition, "findings": [(finding id, root cause), ...]}; `conditions`: name ->
+    (what was planted, config), with a "healthy" one; `named_causes`: planted pathology -> the root causes that
+    count as naming it. Per pathology: how often it is named in its planted runs (goal >= 0.90) against how often
+    in the healthy runs (goal <= 0.10); then `extra` rows; last, how often a healthy run gets any planted cause,
+    or any actionable finding at all.
+    """
     by_name = {name: [r for r in results if r["name"] == name] for name in conditions}
     healthy = by_name["healthy"]
-
-    def named(run: dict, pathology: str) -> bool:
-        return any(cause in NAMED[pathology] for _, cause in run["findings"])
-
     rows = []
-    for pathology in NAMED:
+    for pathology, causes in named_causes.items():
         runs = by_name[pathology]
-        hits = sum(named(r, pathology) for r in runs)
-        false = sum(named(r, pathology) for r in healthy)
+        hits = sum(named(r, causes) for r in runs)
         p, se = _rate(hits, len(runs))
-        fp = false / len(healthy)
+        fp = sum(named(r, causes) for r in healthy) / len(healthy)
         rows.append(_row(
-            f"diagnosis names {pathology} ({'/'.join(sorted(NAMED[pathology]))}) in {len(runs)} planted runs: "
+            f"{prefix}diagnosis names {pathology} ({'/'.join(sorted(causes))}) in {len(runs)} planted runs: "
             f"{conditions[pathology][0]} (b: named in {len(healthy)} healthy runs)",
-            f"{p:.3f} ± {se:.3f}", f"{fp:.3f}", p / fp if fp else None, ">= 0.90", p >= 0.90))
-    wrong = sum(any(named(r, pathology) for pathology in NAMED) for r in healthy)
-    actionable = sum(any(c not in ("resources", "unknown") for _, c in r["findings"]) for r in healthy)
+            f"{p:.3f} ± {se:.3f}", f"{fp:.3f}", p / fp if fp else None, ">= 0.90, b <= 0.10",
+            p >= 0.90 and fp <= 0.10))
+    rows += extra
+    planted = set().union(*named_causes.values())
+    wrong = sum(named(r, planted) for r in healthy)
+    actionable = sum(any(c not in ("resources", "unknown", "data") for _, c in r["findings"]) for r in healthy)
     rows.append(_row(
-        f"healthy runs ({conditions['healthy'][0]}): any planted cause named (b: any actionable finding)",
+        f"{prefix}healthy runs ({conditions['healthy'][0]}): any planted cause named (b: any actionable finding)",
         f"{wrong / len(healthy):.3f}", f"{actionable / len(healthy):.3f}", None))
     return rows
+
+
+def named(run: dict, causes: set[str]) -> bool:
+    """Whether a run's diagnosis has a finding with one of `causes` as its root cause."""
+    return any(cause in causes for _, cause in run["findings"])
 
 
 def bench_trust() -> list[dict]:
@@ -317,28 +354,14 @@ def bench_trust() -> list[dict]:
         tasks += [("aa", list(range(1000 + i, 1000 + min(i + AA_CHUNK, n_aa)))) for i in range(0, n_aa, AA_CHUNK)]
         aa: dict[int, float] = {}
         latent: list[dict] = []
-        pool = get_context("spawn").Pool(WORKERS, initializer=_init_worker, initargs=(str(REPO / "src"),))
-        try:
-            for kind, seeds, out in pool.imap_unordered(_job, tasks):
-                if kind == "aa":
-                    aa.update(zip(seeds, out))
-                else:
-                    latent.append(out)
-        except BaseException:
-            pool.terminate()
-            raise
-        else:
-            pool.close()  # let the workers exit on their own: no leaked semaphores at shutdown
-        finally:
-            pool.join()
+        for kind, seeds, out in run_pool(_job, tasks):
+            if kind == "aa":
+                aa.update(zip(seeds, out))
+            else:
+                latent.append(out)
     values = [aa[s] for s in sorted(aa)]
-    rows = _statistics_rows(values) + _diagnosis_rows(latent, conditions)
-    for name in conditions:
-        runs = [r for r in latent if r["name"] == name]
-        counts = Counter(fid for r in runs for fid, _ in r["findings"])
-        mean_s = sum(r["seconds"] for r in runs) / len(runs)
-        print(f"  trust {name}: {len(runs)} runs, {mean_s:.1f} s each, findings {dict(sorted(counts.items()))}",
-              file=sys.stderr)
+    rows = _statistics_rows(values) + diagnosis_rows(latent, conditions, NAMED)
+    print_findings("", latent, conditions)
     print(f"  trust: {n_aa} A/A runs + {len(latent)} latent runs in {time.perf_counter() - t0:.0f} s on {WORKERS} "
           f"workers", file=sys.stderr)
     for part in TRAINER_PARTS:

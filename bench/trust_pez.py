@@ -15,8 +15,6 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
-from collections import Counter
-from multiprocessing import get_context
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,7 +22,8 @@ for path in (REPO / "src", REPO / "bench"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from trust import RUNS_PER_CONDITION, SCRATCH, WORKERS, _init_worker, _no_tracking, _rate, _row  # noqa: E402
+from trust import (RUNS_PER_CONDITION, SCRATCH, WORKERS, _no_tracking, _row, diagnosis_rows,  # noqa: E402
+                   named, print_findings, run_pool)
 
 PRIMARY = {"name": "val/caption_ratio", "direction": "max"}
 CLIP_DATA = {"n_train": 4000, "n_val": 64, "n_test": 8, "seed": 0}
@@ -121,62 +120,25 @@ def _runs(names: list[str] | None = None) -> tuple[list[dict], dict]:
         conditions = _conditions(_prepare(Path(tmp)))
         chosen = names or list(conditions)
         tasks = [(name, conditions[name][1], seed) for name in chosen for seed in range(RUNS_PER_CONDITION)]
-        pool = get_context("spawn").Pool(WORKERS, initializer=_init_worker, initargs=(str(REPO / "src"),))
-        try:
-            results = list(pool.imap_unordered(_job, tasks))
-        except BaseException:
-            pool.terminate()
-            raise
-        else:
-            pool.close()
-        finally:
-            pool.join()
+        results = run_pool(_job, tasks)
     return results, conditions
 
 
 def _diagnosis_rows(results: list[dict], conditions: dict) -> list[dict]:
-    by_name = {name: [r for r in results if r["name"] == name] for name in conditions}
-    healthy = by_name["healthy"]
-
-    def named(run: dict, pathology: str) -> bool:
-        return any(cause in NAMED[pathology] for _, cause in run["findings"])
-
-    rows = []
-    for pathology in NAMED:
-        runs = by_name[pathology]
-        hits = sum(named(r, pathology) for r in runs)
-        false = sum(named(r, pathology) for r in healthy)
-        p, se = _rate(hits, len(runs))
-        fp = false / len(healthy)
-        rows.append(_row(
-            f"pez: diagnosis names {pathology} ({'/'.join(sorted(NAMED[pathology]))}) in {len(runs)} planted runs: "
-            f"{conditions[pathology][0]} (b: named in {len(healthy)} healthy runs)",
-            f"{p:.3f} ± {se:.3f}", f"{fp:.3f}", p / fp if fp else None, ">= 0.90, b <= 0.10",
-            p >= 0.90 and fp <= 0.10))
-    top = by_name.get("top_lr") or []
-    if top:
-        hits = sum(named(r, "lr_too_high") for r in top)
-        rows.append(_row(
-            f"pez: {conditions['top_lr'][0]}, {STEPS} steps: lr_too_high named in {len(top)} runs, a margin, not a "
-            f"pathology (b: named in {len(healthy)} healthy runs)",
-            f"{hits / len(top):.3f}", f"{sum(named(r, 'lr_too_high') for r in healthy) / len(healthy):.3f}", None))
-    wrong = sum(any(named(r, pathology) for pathology in NAMED) for r in healthy)
-    actionable = sum(any(c not in ("resources", "unknown", "data") for _, c in r["findings"]) for r in healthy)
-    rows.append(_row(
-        f"pez: healthy runs ({conditions['healthy'][0]}): any planted cause named (b: any actionable finding)",
-        f"{wrong / len(healthy):.3f}", f"{actionable / len(healthy):.3f}", None))
-    return rows
+    healthy = [r for r in results if r["name"] == "healthy"]
+    top = [r for r in results if r["name"] == "top_lr"]
+    extra = [_row(
+        f"pez: {conditions['top_lr'][0]}, {STEPS} steps: lr_too_high named in {len(top)} runs, a margin, not a "
+        f"pathology (b: named in {len(healthy)} healthy runs)",
+        f"{sum(named(r, NAMED['lr_too_high']) for r in top) / len(top):.3f}",
+        f"{sum(named(r, NAMED['lr_too_high']) for r in healthy) / len(healthy):.3f}", None)] if top else []
+    return diagnosis_rows(results, conditions, NAMED, prefix="pez: ", extra=extra)
 
 
 def rows() -> list[dict]:
     t0 = time.perf_counter()
     results, conditions = _runs()
-    for name in conditions:
-        runs = [r for r in results if r["name"] == name]
-        counts = Counter(fid for r in runs for fid, _ in r["findings"])
-        mean_s = sum(r["seconds"] for r in runs) / len(runs)
-        print(f"  trust pez {name}: {len(runs)} runs, {mean_s:.1f} s each, findings {dict(sorted(counts.items()))}",
-              file=sys.stderr)
+    print_findings("pez ", results, conditions)
     print(f"  trust pez: tiny CLIP + {len(results)} PEZ runs in {time.perf_counter() - t0:.0f} s on {WORKERS} workers",
           file=sys.stderr)
     return _diagnosis_rows(results, conditions)

@@ -16,8 +16,6 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
-from collections import Counter
-from multiprocessing import get_context
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,33 +96,6 @@ def _run(task: tuple) -> dict:
             "findings": [(f["id"], f["root_cause"]) for f in findings]}
 
 
-def _diagnosis_rows(results: list[dict], conditions: dict) -> list[dict]:
-    by_name = {name: [r for r in results if r["name"] == name] for name in conditions}
-    healthy = by_name["healthy"]
-
-    def named(run: dict, pathology: str) -> bool:
-        return any(cause in NAMED[pathology] for _, cause in run["findings"])
-
-    rows = []
-    for pathology in NAMED:
-        runs = by_name[pathology]
-        hits = sum(named(r, pathology) for r in runs)
-        false = sum(named(r, pathology) for r in healthy)
-        p, se = trust._rate(hits, len(runs))
-        fp = false / len(healthy)
-        rows.append(trust._row(
-            f"textcaps: diagnosis names {pathology} ({'/'.join(sorted(NAMED[pathology]))}) in {len(runs)} planted "
-            f"runs: {conditions[pathology][0]} (b: named in {len(healthy)} healthy runs)",
-            f"{p:.3f} ± {se:.3f}", f"{fp:.3f}", p / fp if fp else None, ">= 0.90, b <= 0.10",
-            p >= 0.90 and fp <= 0.10))
-    wrong = sum(any(named(r, pathology) for pathology in NAMED) for r in healthy)
-    actionable = sum(any(c not in ("resources", "unknown", "data") for _, c in r["findings"]) for r in healthy)
-    rows.append(trust._row(
-        f"textcaps: healthy runs ({conditions['healthy'][0]}): any planted cause named (b: any actionable finding)",
-        f"{wrong / len(healthy):.3f}", f"{actionable / len(healthy):.3f}", None))
-    return rows
-
-
 def rows(workers: int = trust.WORKERS) -> list[dict]:
     """The textcaps rows of the trust table (bench/trust.py calls this)."""
     from tunewise.trainers import get_trainer
@@ -137,26 +108,11 @@ def rows(workers: int = trust.WORKERS) -> list[dict]:
         conditions = _conditions(exp["baseline"])
         tasks = [(name, config, seed, exp) for name, (_, config) in conditions.items()
                  for seed in range(RUNS_PER_CONDITION)]
-        results: list[dict] = []
-        pool = get_context("spawn").Pool(workers, initializer=trust._init_worker, initargs=(str(REPO / "src"),))
-        try:
-            results.extend(pool.imap_unordered(_run, tasks))
-        except BaseException:
-            pool.terminate()
-            raise
-        else:
-            pool.close()
-        finally:
-            pool.join()
-    for name in conditions:
-        runs = [r for r in results if r["name"] == name]
-        counts = Counter(fid for r in runs for fid, _ in r["findings"])
-        mean_s = sum(r["seconds"] for r in runs) / len(runs)
-        print(f"  trust textcaps {name}: {len(runs)} runs, {mean_s:.1f} s each, findings {dict(sorted(counts.items()))}",
-              file=sys.stderr)
+        results = trust.run_pool(_run, tasks, workers)
+    trust.print_findings("textcaps ", results, conditions)
     print(f"  trust textcaps: {len(results)} runs in {time.perf_counter() - t0:.0f} s on {workers} workers",
           file=sys.stderr)
-    return _diagnosis_rows(results, conditions)
+    return trust.diagnosis_rows(results, conditions, NAMED, prefix="textcaps: ")
 
 
 if __name__ == "__main__":  # the textcaps part alone: python bench/trust_textcaps.py
