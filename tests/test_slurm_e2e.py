@@ -108,6 +108,7 @@ def slurm_run(cluster, tmp_path_factory):
         "--workflow-profile", str(REPO / "profiles" / "slurm"), "--configfile", str(_config(work)),
         # the test cluster has no accounts, and its jobs take seconds: check on them often
         "--slurm-no-account", "--slurm-init-seconds-before-status-checks", "2",
+        "--seconds-between-status-checks", "2",
     ]
     log = (work / "snakemake.log").open("w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env(), start_new_session=True)

@@ -1,9 +1,11 @@
-"""A tiny regression trainer used by the machinery tests (named as `toy_trainer:ToyTrainer`)."""
+"""A tiny regression trainer used by the machinery tests (named as `toy_trainer:ToyTrainer`).
+
+torch is imported where a method needs it, as a built-in trainer's spec does without it: the light jobs (resolve,
+diagnose, gates, significance, ...) load the trainer for its settings and knobs only, and an end-to-end test runs
+hundreds of them."""
 from __future__ import annotations
 
 import copy
-
-import torch
 
 DEFAULT = {
     "data": {"n": 256, "noise": 0.1},
@@ -41,6 +43,8 @@ class ToyTrainer:
         return {"n_rows": data_cfg["n"]}
 
     def _data(self, config):
+        import torch
+
         g = torch.Generator().manual_seed(1234)
         n = config["data"]["n"]
         x = torch.randn(n, 4, generator=g)
@@ -48,12 +52,16 @@ class ToyTrainer:
         return x[: n * 3 // 4], y[: n * 3 // 4], x[n * 3 // 4:], y[n * 3 // 4:]
 
     def _model(self, config):
+        import torch
+
         h = config["model"]["hidden"]
         return torch.nn.Sequential(torch.nn.Linear(4, h), torch.nn.ReLU(), torch.nn.Dropout(config["model"]["dropout"]),
                                    torch.nn.Linear(h, 1))
 
     def run(self, config, seed, run, reporter, device, metric, progress=None):
         import time
+
+        import torch
 
         from tunewise.train.loop import fit
         from tunewise.train.seed import epoch_generator, seed_everything
@@ -100,6 +108,8 @@ class ToyTrainer:
                    primary=metric["name"], direction=metric["direction"], progress=progress).metrics
 
     def evaluate_test(self, config, checkpoint, device, out_dir):
+        import torch
+
         from tunewise.runs import load_checkpoint
 
         model = self._model(config)
