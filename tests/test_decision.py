@@ -73,18 +73,18 @@ def test_a_criteria_are_thresholds_with_their_values():
     d = decide(sig, 0.704, "max", None, "targeted", evidence=ok)
     assert d["option"] == "A"
     rows = {c["name"]: c for c in d["criteria"]}
-    assert rows["train-val gap"]["value"] == 0.04 and rows["train-val gap"]["threshold"] == 0.1
-    assert rows["train-val gap"]["ok"] and rows["improvement verified"]["ok"] and rows["target met"]["ok"] is None
+    assert rows["relative train-val gap"]["value"] == 0.04 and rows["relative train-val gap"]["threshold"] == 0.1
+    assert rows["relative train-val gap"]["ok"] and rows["improvement verified"]["ok"] and rows["target met"]["ok"] is None
     wide = {"optimized": {"train_val_gap": 0.25, "seed_std": 0.005}}
     d = decide(sig, 0.704, "max", None, "targeted", evidence=wide, open_findings=STILL, iterations_left=1)
-    assert (d["option"], d["next"]) == ("B", "iterate") and "short of A (train-val gap)" in d["rationale"]
+    assert (d["option"], d["next"]) == ("B", "iterate") and "short of A (relative train-val gap)" in d["rationale"]
     # the thresholds are the config's
     d = decide(sig, 0.704, "max", None, "targeted", evidence=wide, accept={"max_train_val_gap": 0.3})
     assert d["option"] == "A"
     spread = {"optimized": {"train_val_gap": None, "seed_std": 0.02}}
     d = decide(sig, 0.704, "max", None, "targeted", evidence=spread)
     assert d["option"] == "B" and "seed spread" in d["rationale"]
-    assert {c["name"]: c["ok"] for c in d["criteria"]}["train-val gap"] is None  # not measured: does not block
+    assert {c["name"]: c["ok"] for c in d["criteria"]}["relative train-val gap"] is None  # not measured: does not block
 
 
 def test_option_c_retries_with_the_next_strategy_while_rounds_are_left():

@@ -96,9 +96,9 @@ def test_the_reports_show_the_rounds_and_decision_a_criteria_with_values(workflo
     assert "## Round 1" in text and "## Round 2" in text
     # round 2's own page, its links rebased onto the experiment's folder
     assert "](round2/plots/curves_comparison.png)" in text and (reports / "round2" / "round_results.md").exists()
-    for criterion in ("improvement verified", "train-val gap", "seed spread (std / mean)", "target met"):
+    for criterion in ("improvement verified", "relative train-val gap", "seed spread (std / mean)", "target met"):
         assert f"| {criterion}" in text
-    gap = next(c for c in loop["final"]["criteria"] if c["name"] == "train-val gap")
+    gap = next(c for c in loop["final"]["criteria"] if c["name"] == "relative train-val gap")
     assert f"| {gap['value']:.4g} | {gap['threshold']:.4g} |" in text
 
 

@@ -63,7 +63,7 @@ def criteria(side: str, verified: bool | None, evidence: dict | None, target_met
     return [
         {"name": "improvement verified", "value": None if verified is None else ("yes" if verified else "no"),
          "threshold": "significant and >= significance.min_improvement", "ok": verified},
-        {"name": "train-val gap", "value": gap, "threshold": th["max_train_val_gap"],
+        {"name": "relative train-val gap", "value": gap, "threshold": th["max_train_val_gap"],
          "ok": None if gap is None else gap < th["max_train_val_gap"], "side": side},
         {"name": "seed spread (std / mean)", "value": spread, "threshold": th["max_seed_std"],
          "ok": None if spread is None else spread < th["max_seed_std"], "side": side},
