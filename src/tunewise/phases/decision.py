@@ -91,7 +91,8 @@ def _actionable(findings) -> list[str]:
 def decide(sig: dict | None, baseline_mean: float, direction: str, target: float | None, strategy: str,
            attempts: list[float] | None = None, iterations_left: int = 0, ceiling_gain: float = 0.02, *,
            evidence: dict | None = None, accept: dict | None = None, open_findings: list[dict] | None = None,
-           next_strategy: str | None = None, out_of_time: bool = False, skip_reason: str | None = None) -> dict:
+           next_strategy: str | None = None, out_of_time: bool = False, skip_reason: str | None = None,
+           baseline_name: str = "the baseline config", baseline_short: str = "baseline") -> dict:
     """Pick option A/B/C/D from the significance result `sig` (tunewise.phases.significance.compare).
 
     `attempts`: the relative gains of this loop's rounds so far, this round's last; two or more, all under
@@ -101,6 +102,8 @@ def decide(sig: dict | None, baseline_mean: float, direction: str, target: float
     the diagnosis of the improved config's own run; a high-severity actionable one keeps A back while rounds
     are left (that is B). `next_strategy`: what C tries next (None: none left). Returns `{option, label, next,
     chosen_side, target_met, rationale, criteria}`; `target_met` refers to the chosen side's mean.
+    `baseline_name` / `baseline_short`: how the rationale names the compared-against config (a later round's
+    is the config that round started from, not the experiment's baseline).
     """
     if direction not in ("max", "min"):
         raise ValueError(f"direction must be 'max' or 'min', got {direction!r}")
@@ -123,7 +126,7 @@ def decide(sig: dict | None, baseline_mean: float, direction: str, target: float
 
     opt_mean = float(sig["optimized"]["mean"])
     verdict = sig["verdict"]
-    numbers = (f"optimized {opt_mean:.4g} vs baseline {baseline_mean:.4g} ({direction} is better), verdict "
+    numbers = (f"optimized {opt_mean:.4g} vs {baseline_short} {baseline_mean:.4g} ({direction} is better), verdict "
                f"{verdict}, one-sided p {sig.get('p_one_sided', float('nan')):.3g}, measured improvement "
                f"{sig.get('improvement_measured', float('nan')):+.4g}")
     improved = verdict == "improved"
@@ -171,15 +174,15 @@ def decide(sig: dict | None, baseline_mean: float, direction: str, target: float
     if met and not [r for r in _failed(rows) if r != "improvement verified"]:
         return _decision("A", "finalize", "baseline", True,
                          f"{numbers}; no verified improvement, but the baseline already meets the target "
-                         f"({goal}): finalize the baseline config.", criteria=rows)
+                         f"({goal}): finalize {baseline_name}.", criteria=rows)
     if at_ceiling:
         listed = ", ".join(f"{a:+.2%}" for a in gains)
         note = ""
         if not _better_or_equal(baseline_mean, opt_mean, direction):
-            note = " (the optimized mean is better, but not verifiably so, so the baseline config is kept)"
+            note = f" (the optimized mean is better, but not verifiably so, so {baseline_name} is kept)"
         return _decision("D", "accept_ceiling", "baseline", met,
                          f"{numbers}; {len(gains)} optimization attempts gained {listed}, each under "
-                         f"{ceiling_gain:.0%}: accept the ceiling with the baseline config{note}; {goal}.",
+                         f"{ceiling_gain:.0%}: accept the ceiling with {baseline_name}{note}; {goal}.",
                          criteria=rows)
     why = {
         "worse": "the optimized config is significantly worse",
@@ -194,7 +197,7 @@ def decide(sig: dict | None, baseline_mean: float, direction: str, target: float
             else "no rounds are left (finalize.max_iterations)" if iterations_left <= 0
             else f"no strategy is left after {strategy}")
     return _decision("C", "revert", "baseline", met,
-                     f"{numbers}; {why}, and {stop}: revert to the baseline config; {goal}.", criteria=rows)
+                     f"{numbers}; {why}, and {stop}: revert to {baseline_name}; {goal}.", criteria=rows)
 
 
 def improvement_box_ok(sig: dict | None, decision: dict) -> bool:

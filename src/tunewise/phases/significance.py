@@ -258,17 +258,18 @@ def decide_round(exp: dict, exp_dir: Path, diag: dict, sig: dict) -> dict:
     elapsed = rounds.minutes_since_start(rounds.base_dir(exp, exp_dir))
     out_of_time = fin.get("time_budget") is not None and elapsed is not None and elapsed > fin["time_budget"]
     strategy = diag["strategy"]["chosen"]
+    # a later round's "baseline" is the config it started from: say which, not the experiment's
+    names = {}
+    if index > 1:
+        start = rounds.round_info(exp).get("incumbent") or {}
+        names = {"baseline_name": f"the config round {index} started from (the {start.get('side')} config of "
+                                  f"round {start.get('round')})", "baseline_short": "its starting config"}
     decision = decide(None if skipped else sig, sig["baseline"]["mean"], exp["metric"]["direction"], fin["target"],
                       strategy, attempts=attempts, iterations_left=fin["max_iterations"] - (index - 1),
                       ceiling_gain=fin.get("ceiling_gain", 0.02), evidence=evidence, accept=fin.get("accept"),
                       open_findings=open_findings, out_of_time=out_of_time,
                       next_strategy=next_strategy(strategy, rounds.possible_strategies(exp, diag)),
-                      skip_reason=diag["strategy"]["reason"] if skipped else None)
-    if index > 1:  # a later round's "baseline" is the config it started from: say which, not the experiment's
-        start = rounds.round_info(exp).get("incumbent") or {}
-        decision["rationale"] = decision["rationale"].replace(
-            "the baseline config", f"the config round {index} started from (the {start.get('side')} config of round "
-                                   f"{start.get('round')})").replace(" vs baseline ", " vs its starting config ")
+                      skip_reason=diag["strategy"]["reason"] if skipped else None, **names)
     decision.update({
         "target": fin["target"], "round": index, "strategy": strategy, "attempts": attempts,
         "rounds_left": max(0, fin["max_iterations"] - (index - 1)), "minutes_elapsed": elapsed,
